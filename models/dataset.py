@@ -1,0 +1,135 @@
+"""The on-disk dataset format: layout, Arrow schemas and the manifest.
+
+This module is the single contract between the jobs that write datasets
+(``pipelines.build_dataset``, ``pipelines.score``) and everything that reads them
+(trainers, evaluators, users). It is plain pyarrow, so readers need no Beam.
+
+Layout under a job's ``--output``::
+
+    patches/<split>/part-*.parquet   PATCH_SCHEMA (build_dataset)
+    faces/part-*.parquet             OUTCOME_SCHEMA: one row per input image
+    errors/part-*.parquet            ERROR_SCHEMA: the failed inputs, with stage and reason
+    scores/part-*.parquet            SCORE_SCHEMA (score)
+    manifest.json                    written last; its presence marks the output complete
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+PATCHES_DIR = "patches"
+FACES_DIR = "faces"
+ERRORS_DIR = "errors"
+SCORES_DIR = "scores"
+SPLITS = ("train", "validation", "test")
+
+# Hugging Face ``datasets`` decodes this struct as an Image feature.
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+PATCH_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("patch_id", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.string()),
+        ("x", pa.int32()),
+        ("y", pa.int32()),
+        ("size", pa.int32()),
+        ("skin_fraction", pa.float32()),
+        ("lesion_count", pa.int32()),
+        ("image", IMAGE_STRUCT),
+        ("mask", IMAGE_STRUCT),
+        ("source_uri", pa.string()),
+        ("segmenter_sha256", pa.string()),
+    ]
+)
+
+OUTCOME_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("status", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("error_type", pa.string()),
+        ("skin_fraction", pa.float32()),
+        ("patch_count", pa.int32()),
+        ("split", pa.string()),
+        ("label", pa.string()),
+    ]
+)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+BOX = pa.struct([("x", pa.int32()), ("y", pa.int32()), ("size", pa.int32()), ("score", pa.float32())])
+
+SCORE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("skin_fraction", pa.float32()),
+        ("patches_used", pa.int32()),
+        ("probabilities", pa.map_(pa.string(), pa.float32())),
+        ("predicted_class", pa.string()),
+        ("top_patches", pa.list_(BOX)),
+        ("label", pa.string()),
+        ("segmenter_sha256", pa.string()),
+        ("classifier_sha256", pa.string()),
+    ]
+)
+
+
+class IncompleteDatasetError(RuntimeError):
+    """The folder has no manifest: a job is still writing it, or died before finishing."""
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def read_manifest(root: str) -> dict[str, Any]:
+    """Return a finished output's manifest, or raise if the output is not complete."""
+    try:
+        with fsspec.open(join(root, MANIFEST), "rt") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise IncompleteDatasetError(
+            f"{root} has no {MANIFEST}: the job that writes it has not finished (or was killed). "
+            "Rerun it with --overwrite."
+        ) from None
+
+
+def read_table(root: str, subdir: str, columns: Iterable[str] | None = None) -> pa.Table:
+    """Read one table of a finished output (``patches/train``, ``faces``, ``scores``...)."""
+    read_manifest(root)
+    fs, path = fsspec.core.url_to_fs(join(root, subdir))
+    files = sorted(fs.glob(path.rstrip("/") + "/**.parquet"))
+    schema = {FACES_DIR: OUTCOME_SCHEMA, ERRORS_DIR: ERROR_SCHEMA, SCORES_DIR: SCORE_SCHEMA}.get(
+        subdir, PATCH_SCHEMA
+    )
+    cols = list(columns) if columns is not None else None
+    tables = [pq.read_table(f, columns=cols, filesystem=fs) for f in files]
+    if not tables:
+        return schema.empty_table().select(cols) if cols else schema.empty_table()
+    return pa.concat_tables(tables)
+
+
+def read_patches(root: str, split: str = "all", columns: Iterable[str] | None = None) -> pa.Table:
+    """Read a build_dataset output's patches, of one split or ``all``."""
+    splits = SPLITS if split == "all" else (split,)
+    return pa.concat_tables([read_table(root, f"{PATCHES_DIR}/{s}", columns) for s in splits])

@@ -1,0 +1,113 @@
+"""The skin segmenter: a segmentation-models-pytorch network plus the config that drives it.
+
+Plain PyTorch and NumPy, no Beam: the pipelines, the trainer, the evaluator and the
+benchmark's reference loop all call the same ``Segmenter.predict_masks``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import cv2
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+KIND = "segmenter"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Everything needed to rebuild the network and use it the way it was trained."""
+
+    arch: str = "Unet"
+    encoder: str = "mobilenet_v2"
+    input_size: int = 256
+    threshold: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "SegmenterConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            cfg = cls(**{k: v for k, v in raw.items() if k in known})
+            cfg = cls(**{**asdict(cfg), "mean": tuple(cfg.mean), "std": tuple(cfg.std)})
+        except TypeError as exc:
+            raise CheckpointError(f"segmenter config is malformed: {exc}") from exc
+        if not 0.0 < cfg.threshold < 1.0 or cfg.input_size % 32 or len(cfg.mean) != 3 or len(cfg.std) != 3:
+            raise CheckpointError(
+                f"segmenter config is invalid: threshold must lie in (0, 1), input_size must be a "
+                f"multiple of 32, mean/std need 3 values (got {raw!r})"
+            )
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), kind=KIND)
+
+
+def build_network(cfg: SegmenterConfig) -> torch.nn.Module:
+    """Create the smp network with random weights (nothing is ever downloaded)."""
+    return smp.create_model(
+        cfg.arch, encoder_name=cfg.encoder, encoder_weights=None, in_channels=3, classes=1, **cfg.model_kwargs
+    )
+
+
+class Segmenter:
+    """A loaded segmenter: network, config and checkpoint hash, ready for inference."""
+
+    def __init__(self, network: torch.nn.Module, cfg: SegmenterConfig, sha256: str = "", device: str = "cpu"):
+        self.cfg = cfg
+        self.sha256 = sha256
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self._mean = np.asarray(cfg.mean, np.float32) * 255.0
+        self._inv_std = 1.0 / (np.asarray(cfg.std, np.float32) * 255.0)
+
+    @classmethod
+    def load(cls, uri: str, device: str = "cpu") -> "Segmenter":
+        ckpt = load_checkpoint(uri, KIND)
+        cfg = SegmenterConfig.from_dict(ckpt.config)
+        network = build_network(cfg)
+        try:
+            network.load_state_dict(ckpt.state_dict)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"segmenter weights at {uri} do not fit a {cfg.arch}/{cfg.encoder} network: {str(exc)[:300]}"
+            ) from exc
+        return cls(network, cfg, ckpt.sha256, device)
+
+    def save(self, uri: str, training: Mapping[str, Any] | None = None) -> str:
+        cfg = self.cfg if training is None else SegmenterConfig(**{**asdict(self.cfg), "training": dict(training)})
+        return save_checkpoint(uri, self.network.state_dict(), cfg.to_dict())
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """RGB uint8 HxWx3 -> normalised float32 3xSxS at the model's input size."""
+        size = self.cfg.input_size
+        interp = cv2.INTER_AREA if min(image.shape[:2]) > size else cv2.INTER_LINEAR
+        small = cv2.resize(image, (size, size), interpolation=interp).astype(np.float32)
+        return ((small - self._mean) * self._inv_std).transpose(2, 0, 1)
+
+    @torch.inference_mode()
+    def predict_probs(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Skin probabilities at the model's input size, shape (N, S, S), float32."""
+        batch = torch.from_numpy(np.stack([self.preprocess(im) for im in images])).to(self.device)
+        return torch.sigmoid(self.network(batch))[:, 0].float().cpu().numpy()
+
+    def masks_from_probs(self, probs: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+        """Bring each probability map back to its image's full resolution and threshold it."""
+        masks = []
+        for prob, shape in zip(probs, shapes):
+            full = cv2.resize(prob, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+            masks.append((full >= self.cfg.threshold).astype(np.uint8))
+        return masks
+
+    def predict_masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Full-resolution binary skin masks (uint8 0/1), one per RGB uint8 image."""
+        return self.masks_from_probs(self.predict_probs(images), [im.shape for im in images])

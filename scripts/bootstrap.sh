@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs the project with its test extra into it.
+# Sourced by run_local.sh and run_tests.sh; afterwards the venv is first on PATH,
+# which Beam's worker pools need (they start workers with the `python` on PATH).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ACNE_VENV:-$ROOT/.venv}"
+STAMP="$VENV/.installed-$(sha1sum "$ROOT/setup.py" | cut -c1-12)"
+if [ ! -f "$STAMP" ]; then
+  echo "[setup] installing into $VENV (first run: a few minutes, about 7 GB with torch)" >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --upgrade pip setuptools wheel
+  "$VENV/bin/pip" install --quiet -e "$ROOT[test]"
+  rm -f "$VENV"/.installed-*
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
