@@ -12,7 +12,7 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "pyarrow==25.0.1",
     "fsspec==2026.9.0",
-    "gcsfs==2026.9.0",
+    "gcsfs==2026.10.1",
     "s3fs==2026.9.0",
     "opencv-python-headless==5.0.0.93",
     "pillow==12.3.0",

@@ -133,3 +133,10 @@ def read_patches(root: str, split: str = "all", columns: Iterable[str] | None = 
     """Read a build_dataset output's patches, of one split or ``all``."""
     splits = SPLITS if split == "all" else (split,)
     return pa.concat_tables([read_table(root, f"{PATCHES_DIR}/{s}", columns) for s in splits])
+
+
+def write_manifest(root: str, manifest: dict[str, Any]) -> None:
+    """Write the manifest: the last file a job writes, marking its output complete."""
+    with fsspec.open(join(root, MANIFEST), "wt") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
