@@ -103,30 +103,36 @@ def join(root: str, *parts: str) -> str:
 
 
 def read_manifest(root: str) -> dict[str, Any]:
-    """Return a finished output's manifest, or raise if the output is not complete."""
+    """Return a finished output's manifest, or raise if the output is not complete and sound."""
     try:
         with fsspec.open(join(root, MANIFEST), "rt") as f:
-            return json.load(f)
+            manifest = json.load(f)
     except FileNotFoundError:
         raise IncompleteDatasetError(
             f"{root} has no {MANIFEST}: the job that writes it has not finished (or was killed). "
             "Rerun it with --overwrite."
         ) from None
+    if not manifest.get("accounting", {}).get("ok", False):
+        raise IncompleteDatasetError(f"{root}/{MANIFEST} reports that its inputs do not add up: {manifest.get('accounting')}")
+    return manifest
 
 
-def read_table(root: str, subdir: str, columns: Iterable[str] | None = None) -> pa.Table:
-    """Read one table of a finished output (``patches/train``, ``faces``, ``scores``...)."""
-    read_manifest(root)
-    fs, path = fsspec.core.url_to_fs(join(root, subdir))
-    files = sorted(fs.glob(path.rstrip("/") + "/**.parquet"))
-    schema = {FACES_DIR: OUTCOME_SCHEMA, ERRORS_DIR: ERROR_SCHEMA, SCORES_DIR: SCORE_SCHEMA}.get(
-        subdir, PATCH_SCHEMA
-    )
+def read_parquet_dir(uri: str, schema: pa.Schema, columns: Iterable[str] | None = None) -> pa.Table:
+    """Every Parquet file under ``uri`` as one table (empty, with ``schema``, if there are none)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    files = sorted(f for f in fs.find(path) if f.endswith(".parquet")) if fs.isdir(path) else []
     cols = list(columns) if columns is not None else None
     tables = [pq.read_table(f, columns=cols, filesystem=fs) for f in files]
     if not tables:
         return schema.empty_table().select(cols) if cols else schema.empty_table()
     return pa.concat_tables(tables)
+
+
+def read_table(root: str, subdir: str, columns: Iterable[str] | None = None) -> pa.Table:
+    """Read one table of a finished output (``patches/train``, ``faces``, ``scores``...)."""
+    read_manifest(root)
+    schema = {FACES_DIR: OUTCOME_SCHEMA, ERRORS_DIR: ERROR_SCHEMA, SCORES_DIR: SCORE_SCHEMA}.get(subdir, PATCH_SCHEMA)
+    return read_parquet_dir(join(root, subdir), schema, columns)
 
 
 def read_patches(root: str, split: str = "all", columns: Iterable[str] | None = None) -> pa.Table:

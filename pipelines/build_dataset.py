@@ -1,0 +1,85 @@
+"""build_dataset: face images -> skin-filtered, high-resolution patches in Parquet.
+
+Read -> Decode -> Segment -> FilterFaces -> Split -> CutPatches -> Write, with every input
+image ending as exactly one row of ``faces/``: kept, filtered (with a reason) or failed
+(with the stage and error). ``manifest.json`` is written last and checks that count.
+
+    python -m pipelines.build_dataset --input 'ffhq/*/*.png' --output out/ [Beam flags]
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import apache_beam as beam
+
+from models.dataset import PATCH_SCHEMA, PATCHES_DIR, SPLITS
+from pipelines.common import AccountingError, JobConfigError, Prepared, complete, prepare, segmented_faces
+from pipelines.options import InputOptions, OutputOptions, PatchOptions, SegmentOptions, SplitOptions, parse
+from transforms.patches import CutPatchRows, FilterFaces
+from transforms.split import AssignSplit, SplitError, check_mode, parse_fractions
+from transforms.write import WriteOutcomes, WriteParquet
+
+DESCRIPTION = """\
+Build a training set: segment the skin of every face, drop faces and patches with too little
+skin, and write the kept patches (with their masks) as Parquet under OUTPUT/patches/<split>/.
+Every input image gets one row in OUTPUT/faces/ (kept, filtered or failed, with the reason);
+failures also go to OUTPUT/errors/. OUTPUT/manifest.json is written last."""
+
+# Patch rows carry image bytes; small row groups keep each writer's buffer to a few MB.
+PATCH_ROWS_PER_GROUP = 64
+
+
+def build(p: beam.Pipeline, args: Any, prepared: Prepared) -> None:
+    """Compose the job's stages on ``p``."""
+    segmented, failures = segmented_faces(p, args, prepared)
+    faces, filtered = segmented | "FilterFaces" >> FilterFaces(args.min_face_skin)
+    split, split_failed = faces | "Split" >> AssignSplit(args.split, parse_fractions(args.split_fractions))
+    rows, patched = split | "CutPatches" >> CutPatchRows(
+        args.patch_size, args.stride, args.min_patch_skin, args.blackout_background,
+        args.patch_format, args.jpeg_quality, args.png_compression, prepared.segmenter_sha256,
+    )
+    by_split = rows | "BySplit" >> beam.Partition(lambda row, n: SPLITS.index(row["split"]), len(SPLITS))
+    for name, part in zip(SPLITS, by_split):
+        part | f"Write{name.title()}Patches" >> WriteParquet(
+            args.output, f"{PATCHES_DIR}/{name}", PATCH_SCHEMA, rows_per_group=PATCH_ROWS_PER_GROUP, compression="none"
+        )
+    outcomes = (*failures, filtered, split_failed, patched) | "AllOutcomes" >> beam.Flatten()
+    outcomes | "WriteOutcomes" >> WriteOutcomes(args.output)
+
+
+def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
+    """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
+    args, options = parse(
+        argv, [InputOptions, SegmentOptions, PatchOptions, SplitOptions, OutputOptions],
+        "python -m pipelines.build_dataset", DESCRIPTION,
+    )
+    try:
+        check_mode(args.split)
+        parse_fractions(args.split_fractions)
+    except SplitError as exc:
+        raise JobConfigError(str(exc)) from exc
+    prepared = prepare(args)
+    started = time.monotonic()
+    p = pipeline or beam.Pipeline(options=options)
+    build(p, args, prepared)
+    checkpoints = {"segmenter": {"uri": args.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}
+    tables = [f"{PATCHES_DIR}/{s}" for s in SPLITS]
+    return complete(p.run(), args, "build_dataset", tables, checkpoints, started)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    try:
+        run(sys.argv[1:])
+    except JobConfigError as exc:
+        sys.exit(f"error: {exc}")
+    except AccountingError as exc:
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

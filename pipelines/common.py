@@ -1,0 +1,125 @@
+"""What both jobs share: up-front checks, the read -> decode -> segment front end, and the finish.
+
+The checks run before the pipeline is built, so a bad pattern, label file, checkpoint or
+output location fails in seconds with a message that says what to fix.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import apache_beam as beam
+import torch
+
+from models.checkpoint import CheckpointError
+from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, join, read_parquet_dir
+from models.segmenter import Segmenter
+from transforms.decode import DecodeImages
+from transforms.read import InputError, ReadImages, check_patterns, load_ffhq_metadata, load_labels
+from transforms.segment import SegmentSkin, SkinSegmenterHandler
+from transforms.split import SplitError
+from transforms.write import OutputError, accounting, counters, finish, package_versions, prepare_output, row_counts
+
+log = logging.getLogger("acne")
+
+CONFIG_ERRORS = (InputError, CheckpointError, OutputError, SplitError)
+
+
+class JobConfigError(ValueError):
+    """A flag, input, checkpoint or output cannot be used; nothing has run yet."""
+
+
+class AccountingError(RuntimeError):
+    """The job finished but its outputs do not account for every input exactly once."""
+
+
+@dataclass
+class Prepared:
+    """What the up-front checks produced for the pipeline to use."""
+
+    input_files: int
+    labels: Optional[dict[str, str]]
+    ffhq_meta: Optional[dict[str, Any]]
+    segmenter_sha256: str
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Check everything that can be checked before the job starts; clear the output last."""
+    if args.stride is None:
+        args.stride = args.patch_size
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise JobConfigError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    try:
+        segmenter = Segmenter.load(args.segmenter_checkpoint)
+        files = check_patterns(args.input)
+        labels = load_labels(args.labels_csv, args.id_column, args.label_column) if args.labels_csv else None
+        ffhq = load_ffhq_metadata(args.ffhq_metadata) if args.ffhq_metadata else None
+        if getattr(args, "split", None) == "ffhq" and ffhq is None:
+            raise SplitError("--split ffhq needs --ffhq-metadata ffhq-dataset-v2.json")
+        prepare_output(args.output, args.overwrite)
+    except CONFIG_ERRORS as exc:
+        raise JobConfigError(str(exc)) from exc
+    log.info("found %d input file(s); segmenter %s (sha256 %s)", files, args.segmenter_checkpoint, segmenter.sha256[:12])
+    return Prepared(files, labels, ffhq, segmenter.sha256)
+
+
+def segmented_faces(
+    p: beam.Pipeline, args: argparse.Namespace, prepared: Prepared
+) -> tuple[beam.PCollection, list[beam.PCollection]]:
+    """Read -> Decode -> Segment; returns the segmented records and the failure outcomes so far."""
+    records, read_failed = p | "Read" >> ReadImages(args.input, prepared.labels, prepared.ffhq_meta, args.voc_annotations)
+    decoded, decode_failed = records | "Decode" >> DecodeImages(args.max_pixels, args.patch_size)
+    handler = SkinSegmenterHandler(args.segmenter_checkpoint, args.device, args.batch_size, args.torch_threads)
+    segmented, segment_failed = decoded | "Segment" >> SegmentSkin(handler)
+    return segmented, [read_failed, decode_failed, segment_failed]
+
+
+def complete(
+    result: Any, args: argparse.Namespace, job: str, tables: list[str], checkpoints: dict[str, str], started: float
+) -> dict[str, Any]:
+    """Wait for the job, check the accounting, write the manifest, print the summary."""
+    result.wait_until_finish()
+    metrics = counters(result)
+    rows = row_counts(args.output, [FACES_DIR, ERRORS_DIR, *tables])
+    books = accounting(metrics, rows[FACES_DIR])
+    elapsed = time.monotonic() - started
+    manifest = {
+        "job": job,
+        "arguments": {k: v for k, v in sorted(vars(args).items())},
+        "argv": sys.argv[1:],
+        "versions": package_versions(),
+        "checkpoints": checkpoints,
+        "accounting": books,
+        "counters": metrics,
+        "rows": rows,
+        "run": {"seconds": round(elapsed, 2), "images_per_second": round(books["inputs"] / max(elapsed, 1e-9), 3)},
+    }
+    finish(args.output, manifest)
+    print_summary(manifest, args.output)
+    if not books["ok"]:
+        raise AccountingError(
+            f"accounting does not add up: inputs {books['inputs']} != kept {books['kept']} + filtered "
+            f"{books['filtered']} + failed {books['failed']} (outcome rows {books['outcome_rows']})"
+        )
+    return manifest
+
+
+def print_summary(manifest: dict[str, Any], output: str) -> None:
+    books, run = manifest["accounting"], manifest["run"]
+    lines = [
+        f"{manifest['job']} finished in {run['seconds']:.1f} s ({run['images_per_second']:.2f} images/s)",
+        f"  inputs {books['inputs']}: kept {books['kept']}, filtered {books['filtered']}, failed {books['failed']}"
+        + ("" if books["ok"] else "  <-- DOES NOT ADD UP"),
+    ]
+    lines += [f"  {table}: {n} rows" for table, n in manifest["rows"].items() if table not in (FACES_DIR, ERRORS_DIR)]
+    if books["failed"]:
+        errors = read_parquet_dir(join(output, ERRORS_DIR), ERROR_SCHEMA, ["stage", "error_type"]).to_pylist()
+        top = Counter(f"{e['stage']}/{e['error_type']}" for e in errors).most_common(5)
+        lines.append("  failures: " + ", ".join(f"{k} x{n}" for k, n in top) + f"  (details: {output}/errors/)")
+    lines.append(f"  output: {output}  (manifest.json, faces/, errors/)")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,161 @@
+"""The jobs' flags, as Beam ``PipelineOptions`` subclasses, each defined exactly once.
+
+Both jobs compose the groups they need. Anything that is not one of these flags is a Beam
+flag (``--runner``, ``--direct_num_workers``, ``--project``...) and goes to Beam untouched.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from models import defaults
+from transforms.decode import DEFAULT_MAX_PIXELS
+from transforms.patches import FORMATS
+from transforms.split import MODES
+
+BEAM_EPILOG = """\
+Beam flags pass straight through, for example:
+  --runner DirectRunner            (the default here) or DataflowRunner, PortableRunner, ...
+  --direct_num_workers 2 --direct_running_mode multi_processing
+  --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py   (Dataflow)
+Inputs and outputs may be local paths or any fsspec URL: gs://, s3://, memory://, ...
+"""
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return value
+
+
+class InputOptions(PipelineOptions):
+    """Where images come from, and what travels with them."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("input")
+        g.add_argument("--input", nargs="+", default=None, metavar="PATTERN",
+                       help="One or more files, folders, globs or URLs: loose images (PNG/JPEG/WebP, e.g. FFHQ's "
+                            "NNNNN/NNNNN.png), webdataset .tar shards, .zip archives, or Parquet with image bytes.")
+        g.add_argument("--labels-csv", nargs="+", default=None, metavar="CSV",
+                       help="CSV file(s) with an id and a label column. Ids match by file stem "
+                            "(images/levle0_10.jpg matches levle0_10). Images without a label fail with a reason. "
+                            "(Named --labels-csv because Beam's --labels already sets Dataflow job labels.)")
+        g.add_argument("--id-column", default="image_id", help="Id column of --labels-csv (default: %(default)s).")
+        g.add_argument("--label-column", default="label", help="Label column of --labels-csv (default: %(default)s).")
+        g.add_argument("--ffhq-metadata", default=None, metavar="JSON",
+                       help="FFHQ's ffhq-dataset-v2.json: adds each face's category and landmarks (needed by "
+                            "--split ffhq).")
+        g.add_argument("--voc-annotations", action="store_true",
+                       help="Read Pascal-VOC lesion boxes from the .xml beside each loose image and record a "
+                            "lesion_count per patch.")
+
+
+class SegmentOptions(PipelineOptions):
+    """The skin segmenter and how it runs."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("segmentation")
+        g.add_argument("--segmenter-checkpoint", default=defaults.SEGMENTER, metavar="URI",
+                       help="Folder (or URL) with weights.safetensors and config.json (default: the shipped model).")
+        g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Inference device (default: cpu).")
+        g.add_argument("--batch-size", type=_positive, default=8,
+                       help="Images per inference batch, across images (default: %(default)s).")
+        g.add_argument("--torch-threads", type=int, default=0,
+                       help="torch intra-op threads per worker process; 0 keeps torch's default.")
+        g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+                       help="Refuse images whose declared size exceeds this many pixels (decompression bombs).")
+
+
+class PatchOptions(PipelineOptions):
+    """How faces are filtered and tiled."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("faces and patches")
+        g.add_argument("--min-face-skin", type=_fraction, default=0.15,
+                       help="Filter out faces whose skin fraction is below this (default: %(default)s).")
+        g.add_argument("--patch-size", type=_positive, default=256, help="Patch side in pixels (default: %(default)s).")
+        g.add_argument("--stride", type=_positive, default=None,
+                       help="Step between patches; defaults to --patch-size (no overlap).")
+        g.add_argument("--min-patch-skin", type=_fraction, default=0.5,
+                       help="Keep patches whose skin coverage is at least this (default: %(default)s).")
+        g.add_argument("--blackout-background", action="store_true",
+                       help="Set the non-skin pixels of each patch to black.")
+        g.add_argument("--patch-format", choices=FORMATS, default="png",
+                       help="Patch encoding: png and webp are lossless, jpeg is smaller (default: %(default)s).")
+        g.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (default: %(default)s).")
+        g.add_argument("--png-compression", type=int, choices=range(10), default=1, metavar="0-9",
+                       help="PNG zlib level: 1 is fast with most of the size gain (default: %(default)s).")
+
+
+class OutputOptions(PipelineOptions):
+    """Where results go."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("output")
+        g.add_argument("--output", default=None, metavar="URI", help="Output folder or URL (required).")
+        g.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
+
+
+class SplitOptions(PipelineOptions):
+    """How faces are assigned to train/validation/test."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("split")
+        g.add_argument("--split", default="hash", metavar="MODE",
+                       help=f"One of {', '.join(MODES)} or a fixed split name (train, validation, test). "
+                            "hash: from a hash of the image id; ffhq: FFHQ's category (needs --ffhq-metadata); "
+                            "path: from a train/valid/test folder in the path (default: %(default)s).")
+        g.add_argument("--split-fractions", default="0.8,0.1,0.1", metavar="T,V,T",
+                       help="Train, validation and test fractions for --split hash (default: %(default)s).")
+
+
+class ScoreOptions(PipelineOptions):
+    """The classifier and what the scoring job writes."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("scoring")
+        g.add_argument("--classifier-checkpoint", default=defaults.CLASSIFIER, metavar="URI",
+                       help="Folder (or URL) with the classifier's weights.safetensors and config.json.")
+        g.add_argument("--classifier-batch-size", type=_positive, default=64,
+                       help="Patches per classifier batch, across images (default: %(default)s).")
+        g.add_argument("--top-patches", type=int, default=3,
+                       help="How many of the most suspicious patches to report per image (default: %(default)s).")
+        g.add_argument("--patch-table", action="store_true", help="Also write one row per scored patch.")
+
+
+def parse(
+    argv: Sequence[str] | None, groups: Sequence[type[PipelineOptions]], prog: str, description: str
+) -> tuple[argparse.Namespace, PipelineOptions]:
+    """Parse job flags (printing --help, rejecting bad values) and hand every other flag to Beam."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=BEAM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # else Beam's --labels would silently abbreviate our --labels-csv
+    )
+    for group in groups:
+        group._add_argparse_args(parser)
+    args, beam_args = parser.parse_known_args(argv)
+    if not args.input:
+        parser.error("--input is required: pass one or more paths, globs or URLs")
+    if not args.output:
+        parser.error("--output is required")
+    if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
+        # Beam would otherwise try to download its Prism runner first.
+        beam_args = ["--runner=DirectRunner", *beam_args]
+    pipeline_options = PipelineOptions(beam_args)
+    return args, pipeline_options

@@ -1,0 +1,188 @@
+"""Patch: tile a full-resolution face, keep the tiles that are mostly skin, encode them.
+
+``cut_patches`` is shared by both jobs: build_dataset encodes the patches into Parquet
+rows, score feeds them to the classifier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import apache_beam as beam
+import cv2
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from transforms.records import FILTERED, KEPT, ImageRecord, Outcome
+
+STAGE = "patch"
+FORMATS = ("png", "jpeg", "webp")
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One square tile of a face, with its own mask and where it came from."""
+
+    x: int
+    y: int
+    size: int
+    skin_fraction: float
+    pixels: np.ndarray
+    mask: np.ndarray
+
+
+def tile_origins(length: int, size: int, stride: int) -> list[int]:
+    """Tile starts along one axis; a last tile flush with the edge covers any remainder."""
+    starts = list(range(0, length - size + 1, stride))
+    if starts and starts[-1] + size < length:
+        starts.append(length - size)
+    return starts
+
+
+def cut_patches(
+    pixels: np.ndarray,
+    mask: np.ndarray,
+    size: int,
+    stride: int,
+    min_skin: float,
+    blackout: bool = False,
+) -> list[Patch]:
+    """Tiles of ``pixels`` whose skin coverage in ``mask`` is at least ``min_skin``, in row-major order."""
+    height, width = mask.shape
+    # An integral image gives every tile's skin count in O(1), so rejected tiles cost nothing.
+    integral = cv2.integral(mask, sdepth=cv2.CV_32S)
+    area = float(size * size)
+    patches = []
+    for y in tile_origins(height, size, stride):
+        for x in tile_origins(width, size, stride):
+            skin = integral[y + size, x + size] - integral[y, x + size] - integral[y + size, x] + integral[y, x]
+            fraction = skin / area
+            if fraction < min_skin:
+                continue
+            tile_mask = mask[y : y + size, x : x + size]
+            tile = pixels[y : y + size, x : x + size]
+            if blackout:
+                tile = tile * tile_mask[..., None]
+            patches.append(Patch(x, y, size, float(fraction), tile, tile_mask))
+    return patches
+
+
+def encode_rgb(pixels: np.ndarray, fmt: str = "png", quality: int = 95, png_level: int = 1) -> bytes:
+    """Encode an RGB tile; PNG and lossless WebP keep every pixel, JPEG trades them for size."""
+    params = {
+        "png": [cv2.IMWRITE_PNG_COMPRESSION, png_level],
+        "jpeg": [cv2.IMWRITE_JPEG_QUALITY, quality],
+        "webp": [cv2.IMWRITE_WEBP_QUALITY, 101],
+    }[fmt]
+    ok, buf = cv2.imencode("." + fmt, cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError(f"could not encode a {pixels.shape} tile as {fmt}")
+    return buf.tobytes()
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """A 0/255 grayscale PNG: opens in any viewer and decodes as an HF Image."""
+    ok, buf = cv2.imencode(".png", mask * np.uint8(255), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError("could not encode a mask")
+    return buf.tobytes()
+
+
+def lesion_count(boxes: Optional[Sequence[Sequence[int]]], patch: Patch) -> Optional[int]:
+    """Lesion boxes (xmin, ymin, xmax, ymax) whose centre lies inside the patch; None if unannotated."""
+    if boxes is None:
+        return None
+    count = 0
+    for xmin, ymin, xmax, ymax in boxes:
+        cx, cy = (xmin + xmax) / 2, (ymin + ymax) / 2
+        count += patch.x <= cx < patch.x + patch.size and patch.y <= cy < patch.y + patch.size
+    return count
+
+
+def patch_id(image_id: str, patch: Patch) -> str:
+    return f"{image_id}_y{patch.y:05d}_x{patch.x:05d}"
+
+
+class FilterFaces(beam.PTransform):
+    """Segmented records -> (faces with enough skin, filtered Outcomes)."""
+
+    def __init__(self, min_face_skin: float):
+        super().__init__()
+        self._min = min_face_skin
+
+    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        out = records | "CheckSkinFraction" >> beam.ParDo(_FilterFace(self._min)).with_outputs("outcome", main="kept")
+        return out.kept, out.outcome
+
+
+class _FilterFace(beam.DoFn):
+    def __init__(self, min_face_skin: float):
+        self._min = min_face_skin
+        self.filtered = Metrics.counter("acne", "faces_filtered_low_skin")
+
+    def process(self, record: ImageRecord) -> Iterator[object]:
+        if record.skin_fraction is not None and record.skin_fraction >= self._min:
+            yield record
+            return
+        self.filtered.inc()
+        yield beam.pvalue.TaggedOutput(
+            "outcome",
+            Outcome(
+                record.image_id, record.source_uri, FILTERED, "filter_faces",
+                f"skin fraction {record.skin_fraction:.3f} is under --min-face-skin {self._min}",
+                skin_fraction=record.skin_fraction, label=record.label,
+            ),
+        )
+
+
+class CutPatchRows(beam.PTransform):
+    """Faces -> (patch rows in ``PATCH_SCHEMA`` form, one kept/filtered Outcome per face)."""
+
+    def __init__(
+        self, size: int, stride: int, min_patch_skin: float, blackout: bool, fmt: str, quality: int, png_level: int,
+        segmenter_sha256: str,
+    ):
+        super().__init__()
+        self._fn = _CutPatchRows(size, stride, min_patch_skin, blackout, fmt, quality, png_level, segmenter_sha256)
+
+    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        out = records | "CutAndEncode" >> beam.ParDo(self._fn).with_outputs("outcome", main="rows")
+        return out.rows, out.outcome
+
+
+class _CutPatchRows(beam.DoFn):
+    def __init__(self, size, stride, min_patch_skin, blackout, fmt, quality, png_level, segmenter_sha256):
+        self._args = (size, stride, min_patch_skin, blackout)
+        self._encode = (fmt, quality, png_level)
+        self._sha = segmenter_sha256
+        self.patches = Metrics.counter("acne", "patches")
+
+    def process(self, record: ImageRecord) -> Iterator[object]:
+        patches = cut_patches(record.pixels, record.mask, *self._args)
+        fmt = self._encode[0]
+        for patch in patches:
+            pid = patch_id(record.image_id, patch)
+            yield {
+                "image_id": record.image_id,
+                "patch_id": pid,
+                "split": record.split,
+                "label": record.label,
+                "x": patch.x,
+                "y": patch.y,
+                "size": patch.size,
+                "skin_fraction": patch.skin_fraction,
+                "lesion_count": lesion_count(record.meta.get("lesions"), patch),
+                "image": {"bytes": encode_rgb(patch.pixels, *self._encode), "path": f"{pid}.{fmt}"},
+                "mask": {"bytes": encode_mask(patch.mask), "path": f"{pid}.mask.png"},
+                "source_uri": record.source_uri,
+                "segmenter_sha256": self._sha,
+            }
+        self.patches.inc(len(patches))
+        status, reason = (KEPT, "") if patches else (FILTERED, "no patch reaches --min-patch-skin")
+        yield beam.pvalue.TaggedOutput(
+            "outcome",
+            Outcome(
+                record.image_id, record.source_uri, status, STAGE, reason,
+                skin_fraction=record.skin_fraction, patch_count=len(patches), split=record.split, label=record.label,
+            ),
+        )

@@ -1,0 +1,416 @@
+"""Read: input patterns -> image records, fanned out before any heavy work.
+
+Shards are *planned* first: each loose file, tar member, zip member or Parquet row becomes
+a small ``ImageRef``. The refs, not the image bytes, are shuffled by image id. That one
+shuffle removes duplicate ids and spreads a single huge shard over every worker; the bytes
+are then read next to the stages that use them, so memory stays flat whatever the input size.
+
+Every ref read from a pattern counts as one input image; a shard that cannot be planned,
+or a member that cannot be read, becomes a failed ``Outcome`` instead of vanishing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import posixpath
+import tarfile
+import zipfile
+from collections import OrderedDict
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+from xml.etree import ElementTree
+
+import apache_beam as beam
+import fsspec
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+
+from transforms.records import ImageRecord, ImageRef, Outcome
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+SHARD_KINDS = {".tar": "tar", ".zip": "zip", ".parquet": "parquet"}
+ID_COLUMNS = ("image_id", "id", "key", "__key__")
+STAGE = "read"
+NAMESPACE = "acne"
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """An input pattern, label file or metadata file cannot be used; raised before any work."""
+
+
+def _ext(path: str) -> str:
+    return posixpath.splitext(path)[1].lower()
+
+
+def image_id_from_name(name: str) -> str:
+    """A stable id from a file or member name: its stem (FFHQ ``00042.png`` -> ``00042``)."""
+    base = posixpath.basename(name.rstrip("/"))
+    return posixpath.splitext(base)[0]
+
+
+def _webdataset_key(member: str) -> str:
+    """webdataset groups ``dir/key.jpg`` and ``dir/key.cls`` by the part before the first dot."""
+    return posixpath.basename(member).split(".", 1)[0]
+
+
+def shard_kind(uri: str) -> str:
+    ext = _ext(uri)
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    return SHARD_KINDS.get(ext, "unsupported")
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """All files a pattern names, as full URLs, in sorted order (a folder means all files below)."""
+    fs, path = fsspec.core.url_to_fs(pattern)
+    if any(ch in path for ch in "*?["):
+        paths = fs.glob(path)
+    elif fs.isdir(path):
+        paths = fs.find(path)
+    else:
+        paths = [path] if fs.exists(path) else []
+    files = [p for p in paths if not fs.isdir(p)]
+    return sorted(fs.unstrip_protocol(p) if "://" in pattern else p for p in files)
+
+
+def check_patterns(patterns: Sequence[str]) -> int:
+    """Fail fast on a pattern that matches nothing or cannot be listed; return the file count."""
+    if not patterns:
+        raise InputError("no --input given: pass one or more paths, globs or URLs (gs://, s3://, ...)")
+    total = 0
+    for pattern in patterns:
+        try:
+            files = expand_pattern(pattern)
+        except Exception as exc:
+            raise InputError(
+                f"cannot list input {pattern!r}: {type(exc).__name__}: {exc}. Check the path, the bucket "
+                "name and your credentials."
+            ) from exc
+        if not files:
+            raise InputError(
+                f"input {pattern!r} matches no files. Check the path; quote globs so the shell does not "
+                "expand them, e.g. --input 'data/*/*.png'."
+            )
+        total += len(files)
+    return total
+
+
+def _normalise_id(value: str) -> str:
+    return image_id_from_name(value.strip())
+
+
+def load_labels(uris: Sequence[str], id_column: str, label_column: str) -> dict[str, str]:
+    """Read label CSVs into {image id: label}; ids match by file stem (``a/b.jpg`` -> ``b``)."""
+    labels: dict[str, str] = {}
+    for uri in uris:
+        try:
+            with fsspec.open(uri, "rt", newline="") as f:
+                reader = csv.DictReader(f)
+                missing = {id_column, label_column} - set(reader.fieldnames or ())
+                if missing:
+                    raise InputError(
+                        f"labels file {uri} has no column(s) {sorted(missing)}; its columns are "
+                        f"{reader.fieldnames}. Set --id-column / --label-column."
+                    )
+                for row in reader:
+                    labels[_normalise_id(row[id_column])] = row[label_column].strip()
+        except (FileNotFoundError, PermissionError, OSError) as exc:
+            raise InputError(f"cannot read labels file {uri}: {exc}") from exc
+    return labels
+
+
+def load_ffhq_metadata(uri: str) -> dict[str, dict[str, Any]]:
+    """FFHQ's ``ffhq-dataset-v2.json`` -> {5-digit id: {category, landmarks}}."""
+    try:
+        with fsspec.open(uri, "rt") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read FFHQ metadata {uri}: {exc}") from exc
+    meta = {}
+    for index, entry in raw.items():
+        image = entry.get("image", {})
+        meta[f"{int(index):05d}"] = {
+            "category": entry.get("category"),
+            "landmarks": image.get("face_landmarks"),
+        }
+    return meta
+
+
+def parse_voc_boxes(xml_bytes: bytes) -> list[tuple[int, int, int, int]]:
+    """Pascal-VOC lesion boxes as (xmin, ymin, xmax, ymax)."""
+    boxes = []
+    for box in ElementTree.fromstring(xml_bytes).iter("bndbox"):
+        coords = [int(float(box.findtext(k, "0"))) for k in ("xmin", "ymin", "xmax", "ymax")]
+        boxes.append(tuple(coords))
+    return boxes
+
+
+def plan_shard(uri: str) -> Iterator[ImageRef | Outcome]:
+    """List the images one shard holds, without reading their bytes."""
+    kind = shard_kind(uri)
+    if kind == "image":
+        yield ImageRef(image_id_from_name(uri), uri, "image")
+        return
+    if kind == "unsupported":
+        yield Outcome.failed(
+            image_id_from_name(uri), uri, STAGE,
+            f"unsupported file type {_ext(uri) or '(none)'}: expected an image, .tar, .zip or .parquet",
+        )
+        return
+    try:
+        with fsspec.open(uri, "rb") as f:
+            yield from {"tar": _plan_tar, "zip": _plan_zip, "parquet": _plan_parquet}[kind](uri, f)
+    except Exception as exc:
+        yield Outcome.failed(image_id_from_name(uri), uri, STAGE, exc)
+
+
+def _plan_tar(uri: str, f: Any) -> Iterator[ImageRef | Outcome]:
+    size = f.size if hasattr(f, "size") else None
+    tar = tarfile.open(fileobj=f, mode="r:")
+    end = 0
+    for member in tar:
+        end = member.offset_data + member.size
+        if member.isfile() and _ext(member.name) in IMAGE_EXTENSIONS:
+            yield ImageRef(_webdataset_key(member.name), uri, "tar", member.name, member.offset_data, member.size)
+    # tarfile stops silently at a corrupt header; data left after the last good member means
+    # members were lost, so say so instead of pretending the shard was complete.
+    if size is not None:
+        f.seek(end + (-end % tarfile.BLOCKSIZE))
+        rest = f.read(min(size - f.tell(), 1 << 20)) if size > f.tell() else b""
+        if rest.strip(b"\0"):
+            yield Outcome.failed(
+                f"{image_id_from_name(uri)}@{end}", f"{uri}#offset={end}", STAGE,
+                f"corrupt tar header after byte {end}: the members after it could not be read",
+            )
+
+
+def _plan_zip(uri: str, f: Any) -> Iterator[ImageRef]:
+    with zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            if not info.is_dir() and _ext(info.filename) in IMAGE_EXTENSIONS:
+                yield ImageRef(image_id_from_name(info.filename), uri, "zip", info.filename)
+
+
+def image_column(schema: Any) -> str:
+    """The column that holds image bytes: a binary column or an HF ``struct<bytes, path>``."""
+    import pyarrow as pa
+
+    for field in schema:
+        if pa.types.is_struct(field.type) and field.type.get_field_index("bytes") >= 0:
+            return field.name
+    for field in schema:
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            return field.name
+    raise ValueError(f"no image column: expected a binary column or struct<bytes, path>; schema is {schema}")
+
+
+def _plan_parquet(uri: str, f: Any) -> Iterator[ImageRef | Outcome]:
+    import pyarrow as pa
+
+    pf = pq.ParquetFile(f)
+    schema = pf.schema_arrow
+    column = image_column(schema)
+    id_column = next((c for c in ID_COLUMNS if c in schema.names), None)
+    has_path = pa.types.is_struct(schema.field(column).type) and schema.field(column).type.get_field_index("path") >= 0
+    stem = image_id_from_name(uri)
+    first_row = 0
+    for rg in range(pf.num_row_groups):
+        n = pf.metadata.row_group(rg).num_rows
+        try:
+            if id_column:
+                ids = [str(v) for v in pf.read_row_group(rg, columns=[id_column]).column(0).to_pylist()]
+            elif has_path:
+                paths = pf.read_row_group(rg, columns=[f"{column}.path"]).column(0).to_pylist()
+                ids = [image_id_from_name(p["path"]) if p and p["path"] else f"{stem}-{first_row + i:06d}"
+                       for i, p in enumerate(paths)]
+            else:
+                ids = [f"{stem}-{first_row + i:06d}" for i in range(n)]
+        except Exception as exc:
+            for i in range(n):
+                yield Outcome.failed(f"{stem}-{first_row + i:06d}", f"{uri}#rg{rg}/row{i}", STAGE, exc)
+        else:
+            for i, image_id in enumerate(ids):
+                yield ImageRef(image_id, uri, "parquet", column, row_group=rg, row=i)
+        first_row += n
+
+
+class _ShardReader:
+    """Reads image bytes for refs, keeping a few shard handles open between calls."""
+
+    def __init__(self, max_open: int = 4):
+        self._open: OrderedDict[str, Any] = OrderedDict()
+        self._max_open = max_open
+
+    def _handle(self, uri: str, kind: str) -> Any:
+        if uri in self._open:
+            self._open.move_to_end(uri)
+            return self._open[uri]
+        f = fsspec.open(uri, "rb").open()
+        handle = zipfile.ZipFile(f) if kind == "zip" else f
+        self._open[uri] = handle
+        if len(self._open) > self._max_open:
+            self._open.popitem(last=False)[1].close()
+        return handle
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def read(self, ref: ImageRef) -> bytes:
+        if ref.kind == "image":
+            with fsspec.open(ref.shard_uri, "rb") as f:
+                return f.read()
+        handle = self._handle(ref.shard_uri, ref.kind)
+        if ref.kind == "zip":
+            return handle.read(ref.member)
+        handle.seek(ref.offset)
+        data = handle.read(ref.size)
+        if len(data) != ref.size:
+            raise EOFError(f"tar member {ref.member} is truncated: {len(data)} of {ref.size} bytes present")
+        return data
+
+    def read_row_group(self, refs: Sequence[ImageRef]) -> Iterator[tuple[ImageRef, bytes | None]]:
+        first = refs[0]
+        pf = pq.ParquetFile(self._handle(first.shard_uri, "parquet"))
+        values = pf.read_row_group(first.row_group, columns=[first.member]).column(0).to_pylist()
+        for ref in refs:
+            value = values[ref.row]
+            yield ref, (value.get("bytes") if isinstance(value, dict) else value)
+
+
+class PlanShards(beam.DoFn):
+    """shard URL -> ImageRefs (main) and failed Outcomes (tag ``outcome``)."""
+
+    def __init__(self) -> None:
+        self.inputs = Metrics.counter(NAMESPACE, "inputs")
+
+    def process(self, uri: str) -> Iterator[Any]:
+        for item in plan_shard(uri):
+            self.inputs.inc()
+            if isinstance(item, Outcome):
+                yield beam.pvalue.TaggedOutput("outcome", item)
+            else:
+                yield item
+
+
+def pick_unique(image_id: str, refs: Iterable[ImageRef]) -> Iterator[Any]:
+    """Keep one ref per id, deterministically (smallest source URI); the rest fail as duplicates."""
+    ordered = sorted(refs, key=lambda r: r.source_uri)
+    yield ordered[0]
+    for dup in ordered[1:]:
+        yield beam.pvalue.TaggedOutput(
+            "outcome",
+            Outcome.failed(image_id, dup.source_uri, STAGE, f"duplicate image id {image_id!r}; kept {ordered[0].source_uri}"),
+        )
+
+
+class ReadBytes(beam.DoFn):
+    """ImageRef(s) -> ImageRecord with bytes, label and metadata attached."""
+
+    def __init__(self, labels: Mapping[str, str] | None, ffhq_meta: Mapping[str, Any] | None, voc_annotations: bool):
+        self._labels = labels
+        self._ffhq = ffhq_meta
+        self._voc = voc_annotations
+
+    def setup(self) -> None:
+        self._reader = _ShardReader()
+
+    def teardown(self) -> None:
+        self._reader.close()
+
+    def process(self, element: ImageRef | tuple[Any, Iterable[ImageRef]]) -> Iterator[Any]:
+        if isinstance(element, ImageRef):
+            pairs = self._read_one(element)
+        else:
+            refs = sorted(element[1], key=lambda r: r.row)
+            try:
+                pairs = list(self._reader.read_row_group(refs))
+            except Exception as exc:
+                pairs = [(ref, exc) for ref in refs]
+        for ref, data in pairs:
+            if isinstance(data, BaseException):
+                yield beam.pvalue.TaggedOutput("outcome", Outcome.failed(ref.image_id, ref.source_uri, STAGE, data))
+                continue
+            record = self._record(ref, data)
+            if isinstance(record, Outcome):
+                yield beam.pvalue.TaggedOutput("outcome", record)
+            else:
+                yield record
+
+    def _read_one(self, ref: ImageRef) -> list[tuple[ImageRef, Any]]:
+        try:
+            return [(ref, self._reader.read(ref))]
+        except Exception as exc:
+            return [(ref, exc)]
+
+    def _record(self, ref: ImageRef, data: bytes | None) -> ImageRecord | Outcome:
+        meta: dict[str, Any] = {}
+        if self._ffhq is not None and ref.image_id in self._ffhq:
+            meta.update(self._ffhq[ref.image_id])
+        if self._voc and ref.kind == "image":
+            try:
+                with fsspec.open(posixpath.splitext(ref.shard_uri)[0] + ".xml", "rb") as f:
+                    meta["lesions"] = parse_voc_boxes(f.read())
+            except FileNotFoundError:
+                meta["lesions"] = None
+            except ElementTree.ParseError as exc:
+                return Outcome.failed(ref.image_id, ref.source_uri, STAGE, f"unreadable VOC annotation: {exc}")
+        label = None
+        if self._labels is not None:
+            label = self._labels.get(ref.image_id)
+            if label is None:
+                return Outcome.failed(
+                    ref.image_id, ref.source_uri, "label", f"no label for image id {ref.image_id!r} in --labels"
+                )
+        return ImageRecord(ref.image_id, ref.source_uri, data=data or b"", label=label, meta=meta)
+
+
+def _read_unit(ref: ImageRef) -> tuple[str, int]:
+    return ref.shard_uri, ref.row_group
+
+
+class ReadImages(beam.PTransform):
+    """Patterns -> (ImageRecord PCollection, failed Outcome PCollection).
+
+    Labels and FFHQ metadata are small dictionaries loaded once by the launcher and shipped
+    with the transform.
+    """
+
+    def __init__(
+        self,
+        patterns: Sequence[str],
+        labels: Mapping[str, str] | None = None,
+        ffhq_meta: Mapping[str, Any] | None = None,
+        voc_annotations: bool = False,
+    ):
+        super().__init__()
+        self._patterns = list(patterns)
+        self._read = ReadBytes(labels, ffhq_meta, voc_annotations)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection]:
+        planned = (
+            pbegin
+            | "Patterns" >> beam.Create(self._patterns)
+            | "ExpandPatterns" >> beam.FlatMap(expand_pattern)
+            | "SpreadShards" >> beam.Reshuffle()
+            | "PlanShards" >> beam.ParDo(PlanShards()).with_outputs("outcome", main="refs")
+        )
+        unique = (
+            planned.refs
+            | "KeyById" >> beam.Map(lambda ref: (ref.image_id, ref))
+            | "GroupById" >> beam.GroupByKey()
+            | "DropDuplicates" >> beam.FlatMapTuple(pick_unique).with_outputs("outcome", main="refs")
+        )
+        by_kind = unique.refs | "ByKind" >> beam.Partition(lambda ref, n: int(ref.kind == "parquet"), 2)
+        row_groups = (
+            by_kind[1]
+            | "KeyByRowGroup" >> beam.Map(lambda ref: (_read_unit(ref), ref))
+            | "GroupByRowGroup" >> beam.GroupByKey()
+        )
+        files = by_kind[0] | "ReadFiles" >> beam.ParDo(self._read).with_outputs("outcome", main="records")
+        rows = row_groups | "ReadRowGroups" >> beam.ParDo(self._read).with_outputs("outcome", main="records")
+        records = (files.records, rows.records) | "Records" >> beam.Flatten()
+        failed = (planned.outcome, unique.outcome, files.outcome, rows.outcome) | "ReadFailures" >> beam.Flatten()
+        return records, failed
