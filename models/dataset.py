@@ -9,7 +9,8 @@ Layout under a job's ``--output``::
     patches/<split>/part-*.parquet   PATCH_SCHEMA (build_dataset)
     faces/part-*.parquet             OUTCOME_SCHEMA: one row per input image
     errors/part-*.parquet            ERROR_SCHEMA: the failed inputs, with stage and reason
-    scores/part-*.parquet            SCORE_SCHEMA (score)
+    scores/part-*.parquet            SCORE_SCHEMA (score): one row per scored or skin-less image
+    patch_scores/part-*.parquet      PATCH_SCORE_SCHEMA (score --patch-table)
     manifest.json                    written last; its presence marks the output complete
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ PATCHES_DIR = "patches"
 FACES_DIR = "faces"
 ERRORS_DIR = "errors"
 SCORES_DIR = "scores"
+PATCH_SCORES_DIR = "patch_scores"
 SPLITS = ("train", "validation", "test")
 
 # Hugging Face ``datasets`` decodes this struct as an Image feature.
@@ -93,6 +95,19 @@ SCORE_SCHEMA = pa.schema(
     ]
 )
 
+PATCH_SCORE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("patch_id", pa.string()),
+        ("x", pa.int32()),
+        ("y", pa.int32()),
+        ("size", pa.int32()),
+        ("skin_fraction", pa.float32()),
+        ("probabilities", pa.map_(pa.string(), pa.float32())),
+        ("score", pa.float32()),
+    ]
+)
+
 
 class IncompleteDatasetError(RuntimeError):
     """The folder has no manifest: a job is still writing it, or died before finishing."""
@@ -131,7 +146,9 @@ def read_parquet_dir(uri: str, schema: pa.Schema, columns: Iterable[str] | None 
 def read_table(root: str, subdir: str, columns: Iterable[str] | None = None) -> pa.Table:
     """Read one table of a finished output (``patches/train``, ``faces``, ``scores``...)."""
     read_manifest(root)
-    schema = {FACES_DIR: OUTCOME_SCHEMA, ERRORS_DIR: ERROR_SCHEMA, SCORES_DIR: SCORE_SCHEMA}.get(subdir, PATCH_SCHEMA)
+    schema = {
+        FACES_DIR: OUTCOME_SCHEMA, ERRORS_DIR: ERROR_SCHEMA, SCORES_DIR: SCORE_SCHEMA, PATCH_SCORES_DIR: PATCH_SCORE_SCHEMA
+    }.get(subdir, PATCH_SCHEMA)
     return read_parquet_dir(join(root, subdir), schema, columns)
 
 

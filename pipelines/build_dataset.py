@@ -8,17 +8,15 @@ image ending as exactly one row of ``faces/``: kept, filtered (with a reason) or
 """
 from __future__ import annotations
 
-import logging
-import sys
 import time
 from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 
 from models.dataset import PATCH_SCHEMA, PATCHES_DIR, SPLITS
-from pipelines.common import AccountingError, JobConfigError, Prepared, complete, prepare, segmented_faces
+from pipelines.common import JobConfigError, Prepared, cli, complete, prepare, segmented_faces
 from pipelines.options import InputOptions, OutputOptions, PatchOptions, SegmentOptions, SplitOptions, parse
-from transforms.patches import CutPatchRows, FilterFaces
+from transforms.patches import CutPatches, EncodePatchRows, FilterFaces
 from transforms.split import AssignSplit, SplitError, check_mode, parse_fractions
 from transforms.write import WriteOutcomes, WriteParquet
 
@@ -37,16 +35,18 @@ def build(p: beam.Pipeline, args: Any, prepared: Prepared) -> None:
     segmented, failures = segmented_faces(p, args, prepared)
     faces, filtered = segmented | "FilterFaces" >> FilterFaces(args.min_face_skin)
     split, split_failed = faces | "Split" >> AssignSplit(args.split, parse_fractions(args.split_fractions))
-    rows, patched = split | "CutPatches" >> CutPatchRows(
-        args.patch_size, args.stride, args.min_patch_skin, args.blackout_background,
-        args.patch_format, args.jpeg_quality, args.png_compression, prepared.segmenter_sha256,
+    patched, no_patch = split | "CutPatches" >> CutPatches(
+        args.patch_size, args.stride, args.min_patch_skin, args.blackout_background
+    )
+    rows, kept = patched | "EncodePatches" >> EncodePatchRows(
+        args.patch_format, args.jpeg_quality, args.png_compression, prepared.segmenter_sha256
     )
     by_split = rows | "BySplit" >> beam.Partition(lambda row, n: SPLITS.index(row["split"]), len(SPLITS))
     for name, part in zip(SPLITS, by_split):
         part | f"Write{name.title()}Patches" >> WriteParquet(
             args.output, f"{PATCHES_DIR}/{name}", PATCH_SCHEMA, rows_per_group=PATCH_ROWS_PER_GROUP, compression="none"
         )
-    outcomes = (*failures, filtered, split_failed, patched) | "AllOutcomes" >> beam.Flatten()
+    outcomes = (*failures, filtered, split_failed, no_patch, kept) | "AllOutcomes" >> beam.Flatten()
     outcomes | "WriteOutcomes" >> WriteOutcomes(args.output)
 
 
@@ -70,16 +70,5 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     return complete(p.run(), args, "build_dataset", tables, checkpoints, started)
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    try:
-        run(sys.argv[1:])
-    except JobConfigError as exc:
-        sys.exit(f"error: {exc}")
-    except AccountingError as exc:
-        sys.exit(f"error: {exc}")
-
-
 if __name__ == "__main__":
-    main()
+    cli(run)

@@ -11,7 +11,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import apache_beam as beam
 import torch
@@ -107,6 +107,16 @@ def complete(
             f"{books['filtered']} + failed {books['failed']} (outcome rows {books['outcome_rows']})"
         )
     return manifest
+
+
+def cli(run: Callable[[Sequence[str]], Any]) -> None:
+    """Run a job from the command line: configuration problems exit with a message, not a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    try:
+        run(sys.argv[1:])
+    except (JobConfigError, AccountingError) as exc:
+        sys.exit(f"error: {exc}")
 
 
 def print_summary(manifest: dict[str, Any], output: str) -> None:

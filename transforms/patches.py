@@ -5,7 +5,7 @@ rows, score feeds them to the classifier.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Iterator, Optional, Sequence
 
 import apache_beam as beam
@@ -13,22 +13,10 @@ import cv2
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms.records import FILTERED, KEPT, ImageRecord, Outcome
+from transforms.records import FILTERED, KEPT, ImageRecord, Outcome, Patch
 
 STAGE = "patch"
 FORMATS = ("png", "jpeg", "webp")
-
-
-@dataclass(frozen=True)
-class Patch:
-    """One square tile of a face, with its own mask and where it came from."""
-
-    x: int
-    y: int
-    size: int
-    skin_fraction: float
-    pixels: np.ndarray
-    mask: np.ndarray
 
 
 def tile_origins(length: int, size: int, stride: int) -> list[int]:
@@ -135,32 +123,60 @@ class _FilterFace(beam.DoFn):
         )
 
 
-class CutPatchRows(beam.PTransform):
-    """Faces -> (patch rows in ``PATCH_SCHEMA`` form, one kept/filtered Outcome per face)."""
+class CutPatches(beam.PTransform):
+    """Faces -> (faces with their ``patches`` attached, filtered Outcomes for faces with none)."""
 
-    def __init__(
-        self, size: int, stride: int, min_patch_skin: float, blackout: bool, fmt: str, quality: int, png_level: int,
-        segmenter_sha256: str,
-    ):
+    def __init__(self, size: int, stride: int, min_patch_skin: float, blackout: bool = False):
         super().__init__()
-        self._fn = _CutPatchRows(size, stride, min_patch_skin, blackout, fmt, quality, png_level, segmenter_sha256)
+        self._fn = _CutPatches(size, stride, min_patch_skin, blackout)
 
     def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        out = records | "CutAndEncode" >> beam.ParDo(self._fn).with_outputs("outcome", main="rows")
+        out = records | "CutTiles" >> beam.ParDo(self._fn).with_outputs("outcome", main="records")
+        return out.records, out.outcome
+
+
+class _CutPatches(beam.DoFn):
+    def __init__(self, size: int, stride: int, min_patch_skin: float, blackout: bool):
+        self._args = (size, stride, min_patch_skin, blackout)
+        self.patches = Metrics.counter("acne", "patches")
+        self.no_patch = Metrics.counter("acne", "faces_filtered_no_patch")
+
+    def process(self, record: ImageRecord) -> Iterator[object]:
+        patches = tuple(cut_patches(record.pixels, record.mask, *self._args))
+        self.patches.inc(len(patches))
+        if patches:
+            yield replace(record, patches=patches)
+            return
+        self.no_patch.inc()
+        yield beam.pvalue.TaggedOutput(
+            "outcome",
+            Outcome(
+                record.image_id, record.source_uri, FILTERED, STAGE, "no patch reaches --min-patch-skin",
+                skin_fraction=record.skin_fraction, split=record.split, label=record.label,
+            ),
+        )
+
+
+class EncodePatchRows(beam.PTransform):
+    """Faces with patches -> (``PATCH_SCHEMA`` rows, one kept Outcome per face)."""
+
+    def __init__(self, fmt: str, quality: int, png_level: int, segmenter_sha256: str):
+        super().__init__()
+        self._fn = _EncodePatchRows(fmt, quality, png_level, segmenter_sha256)
+
+    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        out = records | "Encode" >> beam.ParDo(self._fn).with_outputs("outcome", main="rows")
         return out.rows, out.outcome
 
 
-class _CutPatchRows(beam.DoFn):
-    def __init__(self, size, stride, min_patch_skin, blackout, fmt, quality, png_level, segmenter_sha256):
-        self._args = (size, stride, min_patch_skin, blackout)
+class _EncodePatchRows(beam.DoFn):
+    def __init__(self, fmt: str, quality: int, png_level: int, segmenter_sha256: str):
         self._encode = (fmt, quality, png_level)
         self._sha = segmenter_sha256
-        self.patches = Metrics.counter("acne", "patches")
 
     def process(self, record: ImageRecord) -> Iterator[object]:
-        patches = cut_patches(record.pixels, record.mask, *self._args)
         fmt = self._encode[0]
-        for patch in patches:
+        for patch in record.patches:
             pid = patch_id(record.image_id, patch)
             yield {
                 "image_id": record.image_id,
@@ -177,12 +193,10 @@ class _CutPatchRows(beam.DoFn):
                 "source_uri": record.source_uri,
                 "segmenter_sha256": self._sha,
             }
-        self.patches.inc(len(patches))
-        status, reason = (KEPT, "") if patches else (FILTERED, "no patch reaches --min-patch-skin")
         yield beam.pvalue.TaggedOutput(
             "outcome",
             Outcome(
-                record.image_id, record.source_uri, status, STAGE, reason,
-                skin_fraction=record.skin_fraction, patch_count=len(patches), split=record.split, label=record.label,
+                record.image_id, record.source_uri, KEPT, STAGE, skin_fraction=record.skin_fraction,
+                patch_count=len(record.patches), split=record.split, label=record.label,
             ),
         )

@@ -44,6 +44,18 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
+class Patch:
+    """One square tile of a face, with its own mask and where it came from."""
+
+    x: int
+    y: int
+    size: int
+    skin_fraction: float
+    pixels: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     """One image on its way through the stages."""
 
@@ -56,6 +68,7 @@ class ImageRecord:
     mask: Optional[np.ndarray] = None
     skin_fraction: Optional[float] = None
     split: Optional[str] = None
+    patches: Optional[tuple[Patch, ...]] = None
 
 
 @dataclass(frozen=True)

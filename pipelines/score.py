@@ -1,0 +1,81 @@
+"""score: bulk acne scoring of image archives.
+
+Read -> Decode -> Segment -> FilterFaces -> CutPatches -> Classify -> Write: the same stages as
+build_dataset up to the patches, then the classifier scores every patch (batched across
+images) and aggregates them per face. Every input ends as one row of ``faces/``; scored and
+skin-less images also get a row in ``scores/``, failures go to ``errors/``.
+
+    python -m pipelines.score --input 'archive/*.tar' --output scores/ [Beam flags]
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Sequence
+
+import apache_beam as beam
+
+from models.checkpoint import CheckpointError
+from models.classifier import Classifier
+from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR
+from pipelines.common import JobConfigError, Prepared, cli, complete, prepare, segmented_faces
+from pipelines.options import InputOptions, OutputOptions, PatchOptions, ScoreOptions, SegmentOptions, parse
+from transforms.classify import AcneClassifierHandler, ClassifyFaces, patch_rows, score_row, scored_outcome, unscored_row
+from transforms.patches import CutPatches, FilterFaces
+from transforms.write import WriteOutcomes, WriteParquet
+
+DESCRIPTION = """\
+Score images for acne: segment skin, cut skin patches, classify each patch and aggregate per
+face. Writes one row per image to OUTPUT/scores/ (class probabilities, predicted class, the
+most suspicious patches, both checkpoints' hashes; status 'no_skin' when no usable skin was
+found), failures to OUTPUT/errors/, every input's fate to OUTPUT/faces/, and manifest.json last."""
+
+
+def build(p: beam.Pipeline, args: Any, prepared: Prepared, classifier_sha: str) -> None:
+    """Compose the job's stages on ``p``."""
+    segmented, failures = segmented_faces(p, args, prepared)
+    faces, low_skin = segmented | "FilterFaces" >> FilterFaces(args.min_face_skin)
+    patched, no_patch = faces | "CutPatches" >> CutPatches(args.patch_size, args.stride, args.min_patch_skin)
+    handler = AcneClassifierHandler(
+        args.classifier_checkpoint, args.device, args.classifier_batch_size, args.torch_threads
+    )
+    scored, classify_failed = patched | "Classify" >> ClassifyFaces(handler)
+    skinless = (low_skin, no_patch) | "Skinless" >> beam.Flatten()
+    seg_sha = prepared.segmenter_sha256
+    rows = (
+        scored | "ScoreRows" >> beam.Map(score_row, args.top_patches, seg_sha, classifier_sha),
+        skinless | "SkinlessRows" >> beam.Map(unscored_row, seg_sha, classifier_sha),
+    ) | "AllScoreRows" >> beam.Flatten()
+    rows | "WriteScores" >> WriteParquet(args.output, SCORES_DIR, SCORE_SCHEMA)
+    if args.patch_table:
+        scored | "PatchRows" >> beam.FlatMap(patch_rows) | "WritePatchScores" >> WriteParquet(
+            args.output, PATCH_SCORES_DIR, PATCH_SCORE_SCHEMA
+        )
+    scored_outcomes = scored | "ScoredOutcomes" >> beam.Map(scored_outcome)
+    outcomes = (*failures, skinless, classify_failed, scored_outcomes) | "AllOutcomes" >> beam.Flatten()
+    outcomes | "WriteOutcomes" >> WriteOutcomes(args.output)
+
+
+def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
+    """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
+    args, options = parse(
+        argv, [InputOptions, SegmentOptions, PatchOptions, ScoreOptions, OutputOptions],
+        "python -m pipelines.score", DESCRIPTION,
+    )
+    try:
+        classifier = Classifier.load(args.classifier_checkpoint)
+    except CheckpointError as exc:
+        raise JobConfigError(str(exc)) from exc
+    prepared = prepare(args)
+    started = time.monotonic()
+    p = pipeline or beam.Pipeline(options=options)
+    build(p, args, prepared, classifier.sha256)
+    checkpoints = {
+        "segmenter": {"uri": args.segmenter_checkpoint, "sha256": prepared.segmenter_sha256},
+        "classifier": {"uri": args.classifier_checkpoint, "sha256": classifier.sha256},
+    }
+    tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if args.patch_table else [])
+    return complete(p.run(), args, "score", tables, checkpoints, started)
+
+
+if __name__ == "__main__":
+    cli(run)
