@@ -48,7 +48,7 @@ def probe(data: bytes, max_pixels: int) -> tuple[str, str, int, int]:
             with Image.open(io.BytesIO(data)) as im:
                 fmt, mode, (width, height) = im.format or "?", im.mode, im.size
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"declared size is a decompression bomb: {exc}") from None
+        raise ImageTooLarge(f"declared size is over the limit of {max_pixels:,} pixels (--max-pixels): {exc}") from None
     except Exception as exc:
         raise DecodeError(f"not a recognised image ({len(data)} bytes): {exc}") from None
     if width * height > max_pixels:

@@ -15,9 +15,10 @@ import json
 import logging
 import posixpath
 import tarfile
+import time
 import zipfile
 from collections import OrderedDict
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
 from xml.etree import ElementTree
 
 import apache_beam as beam
@@ -34,6 +35,41 @@ STAGE = "read"
 NAMESPACE = "acne"
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# OSErrors that retrying cannot fix: the object is gone, or we may not read it.
+PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection resets, timeouts and other I/O hiccups are worth another try; the rest are not."""
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) and not isinstance(exc, PERMANENT_OS_ERRORS)
+
+
+def with_retries(
+    fn: Callable[[], T],
+    attempts: int = 3,
+    base_delay: float = 0.2,
+    what: str = "",
+    on_retry: Optional[Callable[[], None]] = None,
+) -> T:
+    """Call ``fn``; on a transient error wait ``base_delay * 2**n`` and try again, ``attempts`` times in all.
+
+    The last error propagates, so the caller can dead-letter the image it was reading.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            log.warning("transient error reading %s (attempt %d of %d), retrying: %s: %s",
+                        what, attempt, attempts, type(exc).__name__, exc)
+            if on_retry is not None:
+                on_retry()
+            time.sleep(base_delay * 2 ** (attempt - 1))
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 class InputError(ValueError):
@@ -147,7 +183,7 @@ def parse_voc_boxes(xml_bytes: bytes) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-def plan_shard(uri: str) -> Iterator[ImageRef | Outcome]:
+def plan_shard(uri: str, attempts: int = 3, base_delay: float = 0.2) -> Iterator[ImageRef | Outcome]:
     """List the images one shard holds, without reading their bytes."""
     kind = shard_kind(uri)
     if kind == "image":
@@ -160,7 +196,7 @@ def plan_shard(uri: str) -> Iterator[ImageRef | Outcome]:
         )
         return
     try:
-        with fsspec.open(uri, "rb") as f:
+        with with_retries(lambda: fsspec.open(uri, "rb").open(), attempts, base_delay, uri) as f:
             yield from {"tar": _plan_tar, "zip": _plan_zip, "parquet": _plan_parquet}[kind](uri, f)
     except Exception as exc:
         yield Outcome.failed(image_id_from_name(uri), uri, STAGE, exc)
@@ -168,22 +204,27 @@ def plan_shard(uri: str) -> Iterator[ImageRef | Outcome]:
 
 def _plan_tar(uri: str, f: Any) -> Iterator[ImageRef | Outcome]:
     size = f.size if hasattr(f, "size") else None
-    tar = tarfile.open(fileobj=f, mode="r:")
     end = 0
-    for member in tar:
-        end = member.offset_data + member.size
-        if member.isfile() and _ext(member.name) in IMAGE_EXTENSIONS:
-            yield ImageRef(_webdataset_key(member.name), uri, "tar", member.name, member.offset_data, member.size)
-    # tarfile stops silently at a corrupt header; data left after the last good member means
-    # members were lost, so say so instead of pretending the shard was complete.
-    if size is not None:
+    problem = None
+    try:
+        for member in tarfile.open(fileobj=f, mode="r:"):
+            end = member.offset_data + member.size
+            if member.isfile() and _ext(member.name) in IMAGE_EXTENSIONS:
+                yield ImageRef(_webdataset_key(member.name), uri, "tar", member.name, member.offset_data, member.size)
+    except tarfile.ReadError as exc:
+        problem = str(exc)
+    if size is not None and end > size:
+        return  # The last member is cut off; reading it fails with its own reason.
+    if problem is None and size is not None:
+        # tarfile stops silently at a corrupt header: data after the last good member means lost members.
         f.seek(end + (-end % tarfile.BLOCKSIZE))
-        rest = f.read(min(size - f.tell(), 1 << 20)) if size > f.tell() else b""
-        if rest.strip(b"\0"):
-            yield Outcome.failed(
-                f"{image_id_from_name(uri)}@{end}", f"{uri}#offset={end}", STAGE,
-                f"corrupt tar header after byte {end}: the members after it could not be read",
-            )
+        if f.read(min(max(size - f.tell(), 0), 1 << 20)).strip(b"\0"):
+            problem = "corrupt tar header"
+    if problem is not None:
+        yield Outcome.failed(
+            f"{image_id_from_name(uri)}@{end}", f"{uri}#offset={end}", STAGE,
+            f"{problem} after byte {end}: the members after it could not be read",
+        )
 
 
 def _plan_zip(uri: str, f: Any) -> Iterator[ImageRef]:
@@ -237,11 +278,16 @@ def _plan_parquet(uri: str, f: Any) -> Iterator[ImageRef | Outcome]:
 
 
 class _ShardReader:
-    """Reads image bytes for refs, keeping a few shard handles open between calls."""
+    """Reads image bytes for refs, keeping a few shard handles open between calls.
 
-    def __init__(self, max_open: int = 4):
+    Each read is retried on transient errors, on a freshly opened handle.
+    """
+
+    def __init__(self, max_open: int = 4, attempts: int = 3, base_delay: float = 0.2):
         self._open: OrderedDict[str, Any] = OrderedDict()
         self._max_open = max_open
+        self._attempts = attempts
+        self._base_delay = base_delay
 
     def _handle(self, uri: str, kind: str) -> Any:
         if uri in self._open:
@@ -258,7 +304,21 @@ class _ShardReader:
         while self._open:
             self._open.popitem()[1].close()
 
+    def _forget(self, uri: str) -> None:
+        handle = self._open.pop(uri, None)
+        if handle is not None:
+            try:
+                handle.close()
+            except Exception:
+                pass  # the handle is already broken; a new one replaces it
+
     def read(self, ref: ImageRef) -> bytes:
+        return with_retries(
+            lambda: self._read_once(ref), self._attempts, self._base_delay, ref.source_uri,
+            lambda: self._forget(ref.shard_uri),
+        )
+
+    def _read_once(self, ref: ImageRef) -> bytes:
         if ref.kind == "image":
             with fsspec.open(ref.shard_uri, "rb") as f:
                 return f.read()
@@ -273,8 +333,15 @@ class _ShardReader:
 
     def read_row_group(self, refs: Sequence[ImageRef]) -> Iterator[tuple[ImageRef, bytes | None]]:
         first = refs[0]
-        pf = pq.ParquetFile(self._handle(first.shard_uri, "parquet"))
-        values = pf.read_row_group(first.row_group, columns=[first.member]).column(0).to_pylist()
+
+        def read() -> list[Any]:
+            pf = pq.ParquetFile(self._handle(first.shard_uri, "parquet"))
+            return pf.read_row_group(first.row_group, columns=[first.member]).column(0).to_pylist()
+
+        values = with_retries(
+            read, self._attempts, self._base_delay, f"{first.shard_uri}#rg{first.row_group}",
+            lambda: self._forget(first.shard_uri),
+        )
         for ref in refs:
             value = values[ref.row]
             yield ref, (value.get("bytes") if isinstance(value, dict) else value)
@@ -283,11 +350,12 @@ class _ShardReader:
 class PlanShards(beam.DoFn):
     """shard URL -> ImageRefs (main) and failed Outcomes (tag ``outcome``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, attempts: int = 3, base_delay: float = 0.2) -> None:
         self.inputs = Metrics.counter(NAMESPACE, "inputs")
+        self._retry = (attempts, base_delay)
 
     def process(self, uri: str) -> Iterator[Any]:
-        for item in plan_shard(uri):
+        for item in plan_shard(uri, *self._retry):
             self.inputs.inc()
             if isinstance(item, Outcome):
                 yield beam.pvalue.TaggedOutput("outcome", item)
@@ -309,13 +377,21 @@ def pick_unique(image_id: str, refs: Iterable[ImageRef]) -> Iterator[Any]:
 class ReadBytes(beam.DoFn):
     """ImageRef(s) -> ImageRecord with bytes, label and metadata attached."""
 
-    def __init__(self, labels: Mapping[str, str] | None, ffhq_meta: Mapping[str, Any] | None, voc_annotations: bool):
+    def __init__(
+        self,
+        labels: Mapping[str, str] | None,
+        ffhq_meta: Mapping[str, Any] | None,
+        voc_annotations: bool,
+        attempts: int = 3,
+        base_delay: float = 0.2,
+    ):
         self._labels = labels
         self._ffhq = ffhq_meta
         self._voc = voc_annotations
+        self._retry = (attempts, base_delay)
 
     def setup(self) -> None:
-        self._reader = _ShardReader()
+        self._reader = _ShardReader(attempts=self._retry[0], base_delay=self._retry[1])
 
     def teardown(self) -> None:
         self._reader.close()
@@ -362,7 +438,7 @@ class ReadBytes(beam.DoFn):
             label = self._labels.get(ref.image_id)
             if label is None:
                 return Outcome.failed(
-                    ref.image_id, ref.source_uri, "label", f"no label for image id {ref.image_id!r} in --labels"
+                    ref.image_id, ref.source_uri, "label", f"no label for image id {ref.image_id!r} in --labels-csv"
                 )
         return ImageRecord(ref.image_id, ref.source_uri, data=data or b"", label=label, meta=meta)
 

@@ -1,0 +1,47 @@
+"""Shared fixtures: generated images, the shipped checkpoints, the real data beside the repo."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from models import defaults
+from pipelines.sample_data import build_sample
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``; tests that need it skip when it is absent (a user's fresh checkout)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def segmenter_checkpoint() -> str:
+    return defaults.SEGMENTER
+
+
+@pytest.fixture(scope="session")
+def classifier_checkpoint() -> str:
+    return defaults.CLASSIFIER
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run_local.sh sample: five 1024x1024 photos in FFHQ layout plus two broken files."""
+    out = tmp_path_factory.mktemp("sample")
+    build_sample(out)
+    return out
+
+
+@pytest.fixture
+def pipeline() -> Callable[[], TestPipeline]:
+    """A TestPipeline on the in-process DirectRunner (Beam would otherwise look for Prism)."""
+    return lambda: TestPipeline(options=PipelineOptions(["--runner=DirectRunner"]))

@@ -1,0 +1,157 @@
+"""Read: every shard kind yields stable ids; broken shards and duplicates become reasons."""
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import apache_beam as beam
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+
+from tests.images import png_bytes, random_rgb
+from transforms.read import InputError, ReadImages, check_patterns, load_labels, parse_voc_boxes, plan_shard
+from transforms.records import ImageRef, Outcome
+
+PNG = png_bytes(random_rgb(8, 8))
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def failures_like(expected: list[tuple[str, str, str]]):
+    """A matcher: failures with these (id, stage) whose reasons contain the given words."""
+
+    def match(actual: list[tuple[str, str, str]]) -> None:
+        got = sorted(actual)
+        assert [(i, s) for i, s, _ in got] == [(i, s) for i, s, _ in expected], got
+        for (_, _, reason), (_, _, words) in zip(got, expected):
+            assert words in reason, (words, reason)
+
+    return match
+
+
+def expect_read(pipeline, patterns, ok: list, failed: list, **kwargs) -> None:
+    """Run ReadImages; check the (id, label) records and the (id, stage, words-in-reason) failures."""
+    with pipeline() as p:
+        records, failures = p | ReadImages(patterns, **kwargs)
+        assert_that(records | beam.Map(lambda r: (r.image_id, r.label)), equal_to(ok), label="records")
+        assert_that(
+            failures | beam.Map(lambda o: (o.image_id, o.stage, o.reason)), failures_like(failed), label="failed"
+        )
+
+
+def test_ffhq_folder_layout_gives_five_digit_ids(tmp_path: Path, pipeline) -> None:
+    for i in (0, 1, 1001):
+        path = tmp_path / f"{i // 1000 * 1000:05d}" / f"{i:05d}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(PNG)
+    expect_read(pipeline, [str(tmp_path)], [("00000", None), ("00001", None), ("01001", None)], [])
+
+
+def test_webdataset_tar_members_become_images_by_key(tmp_path: Path) -> None:
+    write_tar(tmp_path / "shard-000.tar", {"a/00007.png": PNG, "a/00007.json": b"{}", "a/00008.jpg": PNG})
+    refs = list(plan_shard(str(tmp_path / "shard-000.tar")))
+    assert [(r.image_id, r.member) for r in refs] == [("00007", "a/00007.png"), ("00008", "a/00008.jpg")]
+
+
+def test_zip_members_become_images(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "faces.zip", "w") as archive:
+        archive.writestr("x/00003.png", PNG)
+        archive.writestr("README.txt", "not an image")
+    assert [r.image_id for r in plan_shard(str(tmp_path / "faces.zip"))] == ["00003"]
+
+
+def test_parquet_with_hf_image_struct_and_with_binary_column(tmp_path: Path, pipeline) -> None:
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([{"bytes": PNG, "path": "faces/00042.png"}], struct)}),
+                   tmp_path / "hf.parquet")
+    pq.write_table(pa.table({"id": ["k1", "k2"], "jpg": pa.array([PNG, PNG], pa.binary())}), tmp_path / "bin.parquet")
+    expect_read(pipeline, [str(tmp_path / "*.parquet")], [("00042", None), ("k1", None), ("k2", None)], [])
+
+
+def test_truncated_tar_keeps_whole_members_and_fails_the_cut_one(tmp_path: Path, pipeline) -> None:
+    write_tar(tmp_path / "t.tar", {"00001.png": PNG, "00002.png": PNG * 20})
+    data = (tmp_path / "t.tar").read_bytes()
+    (tmp_path / "t.tar").write_bytes(data[: 1024 + len(PNG) + 600])
+    expect_read(pipeline, [str(tmp_path / "t.tar")], [("00001", None)], [("00002", "read", "truncated")])
+
+
+def test_corrupt_tar_header_is_reported_not_silently_skipped(tmp_path: Path) -> None:
+    write_tar(tmp_path / "c.tar", {"00001.png": PNG, "00002.png": PNG, "00003.png": PNG})
+    data = bytearray((tmp_path / "c.tar").read_bytes())
+    second_header = 512 + (len(PNG) + 511) // 512 * 512
+    data[second_header : second_header + 100] = b"\xff" * 100
+    (tmp_path / "c.tar").write_bytes(bytes(data))
+    items = list(plan_shard(str(tmp_path / "c.tar")))
+    assert [i.image_id for i in items if isinstance(i, ImageRef)] == ["00001"]
+    failures = [i for i in items if isinstance(i, Outcome)]
+    assert len(failures) == 1 and "corrupt tar header" in failures[0].reason
+
+
+def test_corrupt_parquet_row_group_fails_its_rows_only(tmp_path: Path, pipeline) -> None:
+    path = tmp_path / "rg.parquet"
+    table = pa.table({"image_id": [f"r{i}" for i in range(4)], "png": pa.array([PNG] * 4, pa.binary())})
+    pq.write_table(table, path, row_group_size=2, compression="none")
+    meta = pq.ParquetFile(path).metadata
+    start = meta.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start : start + 40] = b"\x00" * 40
+    path.write_bytes(bytes(data))
+    expect_read(
+        pipeline, [str(path)], [("r0", None), ("r1", None)], [("rg-000002", "read", ""), ("rg-000003", "read", "")]
+    )
+
+
+def test_duplicate_ids_keep_one_and_fail_the_rest(tmp_path: Path, pipeline) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "00005.png").write_bytes(PNG)
+    expect_read(
+        pipeline, [str(tmp_path / "a"), str(tmp_path / "b")], [("00005", None)],
+        [("00005", "read", f"duplicate image id '00005'; kept {tmp_path}/a/00005.png")],
+    )
+
+
+def test_labels_match_by_file_stem_and_missing_labels_fail(tmp_path: Path, pipeline) -> None:
+    (tmp_path / "levle0_10.jpg").write_bytes(PNG)
+    (tmp_path / "levle3_2.jpg").write_bytes(PNG)
+    (tmp_path / "labels.csv").write_text("image,grade\nimages/levle0_10.jpg,0\n")
+    labels = load_labels([str(tmp_path / "labels.csv")], "image", "grade")
+    expect_read(
+        pipeline, [str(tmp_path / "*.jpg")], [("levle0_10", "0")],
+        [("levle3_2", "label", "no label for image id 'levle3_2' in --labels-csv")], labels=labels,
+    )
+
+
+def test_label_file_without_the_named_columns_fails_fast(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("name,grade\na,1\n")
+    with pytest.raises(InputError, match=r"no column\(s\) \['image_id'\].*--id-column"):
+        load_labels([str(tmp_path / "labels.csv")], "image_id", "grade")
+
+
+@pytest.mark.parametrize("pattern", ["/no/such/folder/*.png", "memory://empty-bucket/x/*.tar"])
+def test_patterns_that_match_nothing_fail_fast(pattern: str) -> None:
+    with pytest.raises(InputError, match="matches no files"):
+        check_patterns([pattern])
+
+
+def test_memory_urls_are_read_through_fsspec(pipeline) -> None:
+    with fsspec.open("memory://bucket/ffhq/00009.png", "wb") as f:
+        f.write(PNG)
+    assert check_patterns(["memory://bucket/ffhq/*.png"]) == 1
+    expect_read(pipeline, ["memory://bucket/ffhq/*.png"], [("00009", None)], [])
+
+
+def test_voc_boxes_are_parsed() -> None:
+    xml = b"<annotation><object><bndbox><xmin>1</xmin><xmax>5</xmax><ymin>2</ymin><ymax>9</ymax></bndbox></object></annotation>"
+    assert parse_voc_boxes(xml) == [(1, 2, 5, 9)]

@@ -1,0 +1,48 @@
+"""Write: every row lands once; the manifest, written last, is what makes an output readable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import apache_beam as beam
+import pyarrow as pa
+import pytest
+
+from models.dataset import IncompleteDatasetError, read_parquet_dir, read_table, write_manifest
+from transforms.write import OutputError, WriteParquet, accounting, finish, prepare_output
+
+SCHEMA = pa.schema([("image_id", pa.string()), ("n", pa.int32())])
+
+
+def test_every_row_is_written_exactly_once(tmp_path: Path, pipeline) -> None:
+    rows = [{"image_id": f"{i:05d}", "n": i} for i in range(300)]
+    with pipeline() as p:
+        p | beam.Create(rows) | WriteParquet(str(tmp_path), "faces", SCHEMA, rows_per_group=32)
+    finish(str(tmp_path), {"accounting": {"ok": True}})
+    table = read_parquet_dir(str(tmp_path / "faces"), SCHEMA)
+    assert sorted(table.to_pylist(), key=lambda r: r["n"]) == rows
+    assert all(f.name.startswith("part-") for f in (tmp_path / "faces").iterdir())
+    assert not (tmp_path / "_temporary").exists()
+
+
+def test_non_empty_output_needs_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "old.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="--overwrite"):
+        prepare_output(str(tmp_path), overwrite=False)
+    assert (tmp_path / "old.txt").exists()
+    prepare_output(str(tmp_path), overwrite=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_without_a_sound_manifest_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(IncompleteDatasetError, match="has not finished"):
+        read_table(str(tmp_path), "faces")
+    write_manifest(str(tmp_path), {"accounting": accounting({"inputs": 3, "outcome_kept": 2}, face_rows=2)})
+    with pytest.raises(IncompleteDatasetError, match="do not add up"):
+        read_table(str(tmp_path), "faces")
+
+
+def test_accounting_checks_counters_and_rows_alike() -> None:
+    counters = {"inputs": 5, "outcome_kept": 3, "outcome_filtered": 1, "outcome_failed": 1}
+    assert accounting(counters, face_rows=5)["ok"]
+    assert not accounting(counters, face_rows=6)["ok"]
+    assert not accounting({**counters, "inputs": 6}, face_rows=5)["ok"]
