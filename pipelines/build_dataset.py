@@ -15,7 +15,9 @@ import apache_beam as beam
 
 from models.dataset import PATCH_SCHEMA, PATCHES_DIR, SPLITS
 from pipelines.common import JobConfigError, Prepared, cli, complete, prepare, segmented_faces
-from pipelines.options import InputOptions, OutputOptions, PatchOptions, SegmentOptions, SplitOptions, parse
+from pipelines.options import (
+    EncodeOptions, InputOptions, OutputOptions, PatchOptions, SegmentOptions, SplitOptions, parse,
+)
 from transforms.patches import CutPatches, EncodePatchRows, FilterFaces
 from transforms.split import AssignSplit, SplitError, check_mode, parse_fractions
 from transforms.write import WriteOutcomes, WriteParquet
@@ -28,6 +30,9 @@ failures also go to OUTPUT/errors/. OUTPUT/manifest.json is written last."""
 
 # Patch rows carry image bytes; small row groups keep each writer's buffer to a few MB.
 PATCH_ROWS_PER_GROUP = 64
+
+PROG = "python -m pipelines.build_dataset"
+OPTION_GROUPS = [InputOptions, SegmentOptions, PatchOptions, EncodeOptions, SplitOptions, OutputOptions]
 
 
 def build(p: beam.Pipeline, args: Any, prepared: Prepared) -> None:
@@ -52,16 +57,13 @@ def build(p: beam.Pipeline, args: Any, prepared: Prepared) -> None:
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
-    args, options = parse(
-        argv, [InputOptions, SegmentOptions, PatchOptions, SplitOptions, OutputOptions],
-        "python -m pipelines.build_dataset", DESCRIPTION,
-    )
+    args, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
     try:
         check_mode(args.split)
         parse_fractions(args.split_fractions)
     except SplitError as exc:
         raise JobConfigError(str(exc)) from exc
-    prepared = prepare(args)
+    prepared = prepare(args, options)
     started = time.monotonic()
     p = pipeline or beam.Pipeline(options=options)
     build(p, args, prepared)

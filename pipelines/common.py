@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from collections import Counter
@@ -15,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import apache_beam as beam
 import torch
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from models.checkpoint import CheckpointError
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, join, read_parquet_dir
@@ -28,6 +30,13 @@ from transforms.write import OutputError, accounting, counters, finish, package_
 log = logging.getLogger("acne")
 
 CONFIG_ERRORS = (InputError, CheckpointError, OutputError, SplitError)
+
+# Flags whose values are credentials (Beam's --s3_secret_access_key, --s3_session_token...).
+SECRET_FLAG = re.compile(r"^--?[\w-]*(secret|token|password|credential)[\w-]*$", re.IGNORECASE)
+
+# Runners whose workers are processes on the launching machine; any other runner (Dataflow,
+# Flink, Spark...) runs the work elsewhere, where the launcher's hardware says nothing.
+LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "PrismRunner", "InteractiveRunner")
 
 
 class JobConfigError(ValueError):
@@ -48,11 +57,22 @@ class Prepared:
     segmenter_sha256: str
 
 
-def prepare(args: argparse.Namespace) -> Prepared:
-    """Check everything that can be checked before the job starts; clear the output last."""
+def workers_run_here(options: Optional[PipelineOptions]) -> bool:
+    """Whether the job's workers run on this machine, so that its CUDA device is theirs."""
+    runner = options.view_as(StandardOptions).runner if options is not None else None
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    return name is None or name.rsplit(".", 1)[-1] in LOCAL_RUNNERS
+
+
+def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None) -> Prepared:
+    """Check everything that can be checked before the job starts; clear the output last.
+
+    ``options`` tell where the workers run: ``--device cuda`` is only checked against this
+    machine when they run here (a Dataflow launcher has no GPU; its GPU workers do).
+    """
     if args.stride is None:
         args.stride = args.patch_size
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and workers_run_here(options) and not torch.cuda.is_available():
         raise JobConfigError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
     try:
         segmenter = Segmenter.load(args.segmenter_checkpoint)
@@ -91,7 +111,7 @@ def complete(
     manifest = {
         "job": job,
         "arguments": {k: v for k, v in sorted(vars(args).items())},
-        "argv": sys.argv[1:],
+        "argv": redact_argv(sys.argv[1:]),
         "versions": package_versions(),
         "checkpoints": checkpoints,
         "accounting": books,
@@ -107,6 +127,23 @@ def complete(
             f"{books['filtered']} + failed {books['failed']} (outcome rows {books['outcome_rows']})"
         )
     return manifest
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """The command line with credential values replaced by ``***``: the manifest is shared."""
+    redacted: list[str] = []
+    hide_next = False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        if hide_next and not arg.startswith("-"):
+            redacted.append("***")
+            hide_next = False
+        elif SECRET_FLAG.match(flag):
+            redacted.append(f"{flag}=***" if eq else flag)
+            hide_next = not eq
+        else:
+            redacted.append(arg)
+    return redacted
 
 
 def cli(run: Callable[[Sequence[str]], Any]) -> None:

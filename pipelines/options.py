@@ -79,7 +79,7 @@ class SegmentOptions(PipelineOptions):
 
 
 class PatchOptions(PipelineOptions):
-    """How faces are filtered and tiled."""
+    """How faces are filtered and tiled (both jobs: a classifier must see patches cut as in training)."""
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -93,6 +93,14 @@ class PatchOptions(PipelineOptions):
                        help="Keep patches whose skin coverage is at least this (default: %(default)s).")
         g.add_argument("--blackout-background", action="store_true",
                        help="Set the non-skin pixels of each patch to black.")
+
+
+class EncodeOptions(PipelineOptions):
+    """How build_dataset stores patches."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("patch encoding")
         g.add_argument("--patch-format", choices=FORMATS, default="png",
                        help="Patch encoding: png and webp are lossless, jpeg is smaller (default: %(default)s).")
         g.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (default: %(default)s).")
@@ -139,16 +147,22 @@ class ScoreOptions(PipelineOptions):
         g.add_argument("--patch-table", action="store_true", help="Also write one row per scored patch.")
 
 
-def parse(
-    argv: Sequence[str] | None, groups: Sequence[type[PipelineOptions]], prog: str, description: str
-) -> tuple[argparse.Namespace, PipelineOptions]:
-    """Parse job flags (printing --help, rejecting bad values) and hand every other flag to Beam."""
+def job_parser(groups: Sequence[type[PipelineOptions]], prog: str, description: str) -> argparse.ArgumentParser:
+    """The job's own flags, for --help and validation."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, epilog=BEAM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # else Beam's --labels would silently abbreviate our --labels-csv
     )
     for group in groups:
         group._add_argparse_args(parser)
+    return parser
+
+
+def parse(
+    argv: Sequence[str] | None, groups: Sequence[type[PipelineOptions]], prog: str, description: str
+) -> tuple[argparse.Namespace, PipelineOptions]:
+    """Parse job flags (printing --help, rejecting bad values) and hand every other flag to Beam."""
+    parser = job_parser(groups, prog, description)
     args, beam_args = parser.parse_known_args(argv)
     if not args.input:
         parser.error("--input is required: pass one or more paths, globs or URLs")

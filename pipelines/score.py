@@ -29,12 +29,17 @@ face. Writes one row per image to OUTPUT/scores/ (class probabilities, predicted
 most suspicious patches, both checkpoints' hashes; status 'no_skin' when no usable skin was
 found), failures to OUTPUT/errors/, every input's fate to OUTPUT/faces/, and manifest.json last."""
 
+PROG = "python -m pipelines.score"
+OPTION_GROUPS = [InputOptions, SegmentOptions, PatchOptions, ScoreOptions, OutputOptions]
+
 
 def build(p: beam.Pipeline, args: Any, prepared: Prepared, classifier_sha: str) -> None:
     """Compose the job's stages on ``p``."""
     segmented, failures = segmented_faces(p, args, prepared)
     faces, low_skin = segmented | "FilterFaces" >> FilterFaces(args.min_face_skin)
-    patched, no_patch = faces | "CutPatches" >> CutPatches(args.patch_size, args.stride, args.min_patch_skin)
+    patched, no_patch = faces | "CutPatches" >> CutPatches(
+        args.patch_size, args.stride, args.min_patch_skin, args.blackout_background
+    )
     handler = AcneClassifierHandler(
         args.classifier_checkpoint, args.device, args.classifier_batch_size, args.torch_threads
     )
@@ -57,15 +62,12 @@ def build(p: beam.Pipeline, args: Any, prepared: Prepared, classifier_sha: str) 
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
-    args, options = parse(
-        argv, [InputOptions, SegmentOptions, PatchOptions, ScoreOptions, OutputOptions],
-        "python -m pipelines.score", DESCRIPTION,
-    )
+    args, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
     try:
         classifier = Classifier.load(args.classifier_checkpoint)
     except CheckpointError as exc:
         raise JobConfigError(str(exc)) from exc
-    prepared = prepare(args)
+    prepared = prepare(args, options)
     started = time.monotonic()
     p = pipeline or beam.Pipeline(options=options)
     build(p, args, prepared, classifier.sha256)
