@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from models.checkpoint import CheckpointError
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, join, read_parquet_dir
 from models.segmenter import Segmenter
+from pipelines.report import write_report
 from transforms.decode import DecodeImages
 from transforms.read import InputError, ReadImages, check_patterns, load_ffhq_metadata, load_labels
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
@@ -118,6 +119,7 @@ def complete(
         "counters": metrics,
         "rows": rows,
         "run": {"seconds": round(elapsed, 2), "images_per_second": round(books["inputs"] / max(elapsed, 1e-9), 3)},
+        "report": write_report(args.output, job, args.min_face_skin),
     }
     finish(args.output, manifest)
     print_summary(manifest, args.output)
@@ -168,5 +170,5 @@ def print_summary(manifest: dict[str, Any], output: str) -> None:
         errors = read_parquet_dir(join(output, ERRORS_DIR), ERROR_SCHEMA, ["stage", "error_type"]).to_pylist()
         top = Counter(f"{e['stage']}/{e['error_type']}" for e in errors).most_common(5)
         lines.append("  failures: " + ", ".join(f"{k} x{n}" for k, n in top) + f"  (details: {output}/errors/)")
-    lines.append(f"  output: {output}  (manifest.json, faces/, errors/)")
+    lines.append(f"  output: {output}  (manifest.json, report.png, faces/, errors/)")
     print("\n".join(lines), flush=True)

@@ -42,6 +42,7 @@ def test_every_input_is_accounted_for_exactly_once(sample_build) -> None:
     assert ((decided.reason.str.len() > 0) == (decided.status == "filtered")).all(), "filtered faces say why"
     errors = read_table(str(out), "errors").to_pandas()
     assert set(errors.image_id) == {"00005", "00006"} and errors.message.str.len().min() > 10
+    assert Image.open(out / "report.png").size[0] > 600
 
 
 def test_kept_faces_have_patches_and_their_counts_match(sample_build) -> None:
