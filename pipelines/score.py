@@ -2,7 +2,8 @@
 
 Read -> Decode -> Segment -> FilterFaces -> CutPatches -> Classify -> Write: the same stages as
 build_dataset up to the patches, then the classifier scores every patch (batched across
-images) and aggregates them per face. Every input ends as one row of ``faces/``; scored and
+images) and aggregates them per face. Given a build_dataset output as its one --input, it
+scores that dataset's patches instead (ReadPatchDataset -> Classify -> Write). Every input ends as one row of ``faces/``; scored and
 skin-less images also get a row in ``scores/``, failures go to ``errors/``.
 
     python -m pipelines.score --input 'archive/*.tar' --output scores/ [Beam flags]
@@ -16,11 +17,12 @@ import apache_beam as beam
 
 from models.checkpoint import CheckpointError
 from models.classifier import Classifier
-from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR
+from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR, read_manifest
 from pipelines.common import JobConfigError, Prepared, cli, complete, prepare, segmented_faces
 from pipelines.options import InputOptions, OutputOptions, PatchOptions, ScoreOptions, SegmentOptions, parse
 from transforms.classify import AcneClassifierHandler, ClassifyFaces, patch_rows, score_row, scored_outcome, unscored_row
 from transforms.patches import CutPatches, FilterFaces
+from transforms.read_patches import ReadPatchDataset, is_patch_dataset
 from transforms.write import WriteOutcomes, WriteParquet
 
 DESCRIPTION = """\
@@ -33,22 +35,27 @@ PROG = "python -m pipelines.score"
 OPTION_GROUPS = [InputOptions, SegmentOptions, PatchOptions, ScoreOptions, OutputOptions]
 
 
-def build(p: beam.Pipeline, args: Any, prepared: Prepared, classifier_sha: str) -> None:
+def build(p: beam.Pipeline, args: Any, prepared: Prepared, checkpoints: dict[str, dict[str, str]]) -> None:
     """Compose the job's stages on ``p``."""
-    segmented, failures = segmented_faces(p, args, prepared)
-    faces, low_skin = segmented | "FilterFaces" >> FilterFaces(args.min_face_skin)
-    patched, no_patch = faces | "CutPatches" >> CutPatches(
-        args.patch_size, args.stride, args.min_patch_skin, args.blackout_background
-    )
+    if is_patch_dataset(args.input[0]):
+        patched, read_failed = p | "ReadPatchDataset" >> ReadPatchDataset(args.input[0])
+        failures, skinless_parts = [read_failed], []
+    else:
+        segmented, failures = segmented_faces(p, args, prepared)
+        faces, low_skin = segmented | "FilterFaces" >> FilterFaces(args.min_face_skin)
+        patched, no_patch = faces | "CutPatches" >> CutPatches(
+            args.patch_size, args.stride, args.min_patch_skin, args.blackout_background
+        )
+        skinless_parts = [low_skin, no_patch]
     handler = AcneClassifierHandler(
         args.classifier_checkpoint, args.device, args.classifier_batch_size, args.torch_threads
     )
     scored, classify_failed = patched | "Classify" >> ClassifyFaces(handler)
-    skinless = (low_skin, no_patch) | "Skinless" >> beam.Flatten()
-    seg_sha = prepared.segmenter_sha256
+    skinless = tuple(skinless_parts) | "Skinless" >> beam.Flatten(pipeline=p)
+    hashes = checkpoints["segmenter"]["sha256"], checkpoints["classifier"]["sha256"]
     rows = (
-        scored | "ScoreRows" >> beam.Map(score_row, args.top_patches, seg_sha, classifier_sha),
-        skinless | "SkinlessRows" >> beam.Map(unscored_row, seg_sha, classifier_sha),
+        scored | "ScoreRows" >> beam.Map(score_row, args.top_patches, *hashes),
+        skinless | "SkinlessRows" >> beam.Map(unscored_row, *hashes),
     ) | "AllScoreRows" >> beam.Flatten()
     rows | "WriteScores" >> WriteParquet(args.output, SCORES_DIR, SCORE_SCHEMA)
     if args.patch_table:
@@ -58,6 +65,13 @@ def build(p: beam.Pipeline, args: Any, prepared: Prepared, classifier_sha: str) 
     scored_outcomes = scored | "ScoredOutcomes" >> beam.Map(scored_outcome)
     outcomes = (*failures, skinless, classify_failed, scored_outcomes) | "AllOutcomes" >> beam.Flatten()
     outcomes | "WriteOutcomes" >> WriteOutcomes(args.output)
+
+
+def segmenter_of(args: Any, prepared: Prepared) -> dict[str, str]:
+    """The segmenter behind the patches: the dataset's own when scoring a patch dataset."""
+    if is_patch_dataset(args.input[0]):
+        return read_manifest(args.input[0])["checkpoints"]["segmenter"]
+    return {"uri": args.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}
 
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
@@ -70,11 +84,11 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     prepared = prepare(args, options)
     started = time.monotonic()
     p = pipeline or beam.Pipeline(options=options)
-    build(p, args, prepared, classifier.sha256)
     checkpoints = {
-        "segmenter": {"uri": args.segmenter_checkpoint, "sha256": prepared.segmenter_sha256},
+        "segmenter": segmenter_of(args, prepared),
         "classifier": {"uri": args.classifier_checkpoint, "sha256": classifier.sha256},
     }
+    build(p, args, prepared, checkpoints)
     tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if args.patch_table else [])
     return complete(p.run(), args, "score", tables, checkpoints, started)
 

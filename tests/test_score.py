@@ -10,6 +10,7 @@ import pytest
 
 from models.dataset import FACES_DIR, PATCH_SCORES_DIR, SCORES_DIR, read_table
 from pipelines.common import JobConfigError
+from pipelines import build_dataset
 from pipelines.score import run
 
 
@@ -79,3 +80,14 @@ def test_real_acne04_photos_get_sensible_grades(shared_data: Path, tmp_path: Pat
     for row in scored:
         probs = np.array([p for _, p in row["probabilities"]])
         assert np.isfinite(probs).all() and abs(probs.sum() - 1) < 1e-4 and probs.max() < 0.9999
+
+
+def test_an_existing_patch_dataset_is_rescored_without_resegmenting(sample_dir: Path, tmp_path: Path) -> None:
+    dataset = tmp_path / "dataset"
+    built = build_dataset.run(["--input", str(sample_dir), "--output", str(dataset)])
+    manifest = run(["--input", str(dataset), "--output", str(tmp_path / "scores")])
+    scores = read_table(str(tmp_path / "scores"), SCORES_DIR).to_pandas()
+    kept = read_table(str(dataset), FACES_DIR).to_pandas().query("status == 'kept'")
+    assert sorted(scores.image_id) == sorted(kept.image_id) and (scores.status == "scored").all()
+    assert scores.set_index("image_id").patches_used.to_dict() == kept.set_index("image_id").patch_count.to_dict()
+    assert manifest["checkpoints"]["segmenter"] == built["checkpoints"]["segmenter"]
