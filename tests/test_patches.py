@@ -1,12 +1,16 @@
 """Patch: tiles cover the face, keep only skin, and encode losslessly by default."""
 from __future__ import annotations
 
+import apache_beam as beam
 import cv2
 import numpy as np
+from apache_beam.testing.util import assert_that, equal_to
 
 from tests.images import random_rgb
-from transforms.patches import cut_patches, encode_mask, encode_rgb, lesion_count, patch_id, tile_origins
-from transforms.records import Patch
+from transforms.patches import (
+    CutPatches, EncodePatchRows, FilterFaces, cut_patches, encode_mask, encode_rgb, lesion_count, patch_id, tile_origins,
+)
+from transforms.records import ImageRecord, Patch
 
 
 def test_tiles_cover_the_whole_side_with_a_last_tile_flush_to_the_edge() -> None:
@@ -62,3 +66,24 @@ def test_patch_ids_are_stable_and_sort_in_reading_order() -> None:
     a = patch_id("00042", Patch(256, 0, 256, 1.0, None, None))
     b = patch_id("00042", Patch(0, 256, 256, 1.0, None, None))
     assert a == "00042_y00000_x00256" and a < b
+
+
+def test_patch_stages_keep_skinny_faces_out_and_say_why(pipeline) -> None:
+    mask = np.zeros((256, 256), np.uint8)
+    mask[:128, :128] = 1
+    faces = [
+        ImageRecord("skin", "mem://skin", pixels=random_rgb(256, 256), mask=mask, skin_fraction=0.25, split="train"),
+        ImageRecord("bare", "mem://bare", pixels=random_rgb(256, 256), mask=mask * 0, skin_fraction=0.0),
+        ImageRecord("edge", "mem://edge", pixels=random_rgb(256, 256), mask=np.pad(mask[:64], ((0, 192), (0, 0))),
+                    skin_fraction=0.125, split="train"),
+    ]
+    with pipeline() as p:
+        kept, low_skin = p | beam.Create(faces) | FilterFaces(min_face_skin=0.1)
+        patched, no_patch = kept | CutPatches(size=128, stride=128, min_patch_skin=0.9)
+        rows, done = patched | EncodePatchRows("png", 95, 1, "sha")
+        assert_that(rows | beam.Map(lambda r: (r["patch_id"], r["skin_fraction"], r["split"])),
+                    equal_to([("skin_y00000_x00000", 1.0, "train")]), label="rows")
+        outcomes = (low_skin, no_patch, done) | beam.Flatten()
+        assert_that(outcomes | beam.Map(lambda o: (o.image_id, o.status, o.stage, o.patch_count)),
+                    equal_to([("bare", "filtered", "filter_faces", 0), ("edge", "filtered", "patch", 0),
+                              ("skin", "kept", "patch", 1)]), label="outcomes")

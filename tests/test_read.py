@@ -14,7 +14,9 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.images import png_bytes, random_rgb
-from transforms.read import InputError, ReadImages, check_patterns, load_labels, parse_voc_boxes, plan_shard
+from transforms.read import (
+    InputError, ReadImages, check_patterns, load_ffhq_metadata, load_labels, parse_voc_boxes, plan_shard,
+)
 from transforms.records import ImageRef, Outcome
 
 PNG = png_bytes(random_rgb(8, 8))
@@ -155,3 +157,12 @@ def test_memory_urls_are_read_through_fsspec(pipeline) -> None:
 def test_voc_boxes_are_parsed() -> None:
     xml = b"<annotation><object><bndbox><xmin>1</xmin><xmax>5</xmax><ymin>2</ymin><ymax>9</ymax></bndbox></object></annotation>"
     assert parse_voc_boxes(xml) == [(1, 2, 5, 9)]
+
+
+def test_ffhq_metadata_gives_category_and_landmarks_by_five_digit_id(tmp_path: Path) -> None:
+    (tmp_path / "ffhq.json").write_text(
+        '{"7": {"category": "validation", "image": {"face_landmarks": [[1.0, 2.0]]}, "metadata": {}}}'
+    )
+    assert load_ffhq_metadata(str(tmp_path / "ffhq.json")) == {
+        "00007": {"category": "validation", "landmarks": [[1.0, 2.0]]}
+    }

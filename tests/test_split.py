@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+import apache_beam as beam
 import pytest
+from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.records import ImageRecord
-from transforms.split import SplitError, hash_split, parse_fractions, split_for
+from transforms.split import AssignSplit, SplitError, hash_split, parse_fractions, split_for
 
 
 def test_hash_split_is_stable_and_close_to_the_fractions() -> None:
@@ -36,3 +38,12 @@ def test_missing_metadata_is_a_per_image_error() -> None:
 def test_bad_fractions_are_refused(text: str) -> None:
     with pytest.raises(SplitError):
         parse_fractions(text)
+
+
+def test_split_stage_sets_splits_and_fails_records_it_cannot_place(pipeline) -> None:
+    records = [ImageRecord("a", "/d/train/a.png"), ImageRecord("b", "/d/valid/b.png"), ImageRecord("c", "/d/c.png")]
+    with pipeline() as p:
+        placed, failed = p | beam.Create(records) | AssignSplit("path", (1, 0, 0))
+        assert_that(placed | beam.Map(lambda r: (r.image_id, r.split)),
+                    equal_to([("a", "train"), ("b", "validation")]), label="placed")
+        assert_that(failed | beam.Map(lambda o: (o.image_id, o.stage)), equal_to([("c", "split")]), label="failed")
