@@ -1,0 +1,83 @@
+"""Face-level classification metrics in plain NumPy (the project ships no scikit-learn)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts (C, C): rows are true classes, columns predicted classes."""
+    cm = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(cm, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
+    return cm
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
+
+
+def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
+
+    A class with no true and no predicted faces has undefined F1; it is left out of the
+    macro average (so a validation split that lacks a class is not punished for it).
+    """
+    n = len(classes)
+    cm = confusion_matrix(y_true, y_pred, n)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1).astype(np.float64)
+    predicted = cm.sum(axis=0).astype(np.float64)
+    precision = _safe_div(tp, predicted)
+    recall = _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    present = (support + predicted) > 0
+    total = int(cm.sum())
+    return {
+        "faces": total,
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": cm.tolist(),
+        "classes": list(classes),
+    }
+
+
+def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """ROC points (one per distinct score, highest first) and the trapezoidal AUC."""
+    y = np.asarray(y_true, bool)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    s, y = np.asarray(scores, np.float64)[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1] if len(s) else np.zeros(0, np.int64)
+    tps, fps = np.cumsum(y)[last], np.cumsum(~y)[last]
+    pos, neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    tpr, fpr = np.r_[0.0, tps / pos], np.r_[0.0, fps / neg]
+    return {
+        "fpr": fpr.tolist(),
+        "tpr": tpr.tolist(),
+        "thresholds": np.r_[np.inf, s[last]].tolist(),
+        "auc": float(np.trapezoid(tpr, fpr)),
+    }
+
+
+def pr_curve(y_true: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """Precision-recall points (one per distinct score) and average precision (step-wise area)."""
+    y = np.asarray(y_true, bool)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    s, y = np.asarray(scores, np.float64)[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1] if len(s) else np.zeros(0, np.int64)
+    tps, fps = np.cumsum(y)[last], np.cumsum(~y)[last]
+    pos = max(int(y.sum()), 1)
+    precision = tps / np.maximum(tps + fps, 1)
+    recall = tps / pos
+    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return {
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "thresholds": s[last].tolist(),
+        "average_precision": ap,
+        "positive_rate": float(y.mean()) if len(y) else 0.0,
+    }
