@@ -62,9 +62,12 @@ def probe(data: bytes, max_pixels: int) -> tuple[str, str, int, int]:
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1) -> np.ndarray:
     """Bytes -> HxWx3 RGB uint8, EXIF-oriented. Raises ``DecodeError`` with a reason."""
     fmt, mode, width, height = probe(data, max_pixels)
-    # libjpeg pads a cut-off JPEG with grey and calls it success; the missing end marker tells.
+    # libjpeg pads a cut-off JPEG with grey and calls it success, and libpng prints to stderr
+    # before failing; the missing end marker says "truncated" plainly and early.
     if fmt == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
         raise DecodeError(f"JPEG {width}x{height} is truncated: no end-of-image marker")
+    if fmt == "PNG" and b"IEND" not in data[-64:]:
+        raise DecodeError(f"PNG {width}x{height} is truncated: no IEND chunk")
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
     if pixels is None:
         raise DecodeError(f"{fmt} {mode} {width}x{height} image could not be decoded: truncated or corrupt data")
