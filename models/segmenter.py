@@ -6,6 +6,7 @@ benchmark's reference loop all call the same ``Segmenter.predict_masks``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import cv2
@@ -16,6 +17,8 @@ import torch
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 KIND = "segmenter"
+# The shipped checkpoint, trained by models.train_segmenter (see its MODEL_CARD.md).
+DEFAULT_CHECKPOINT = str(Path(__file__).resolve().parent / "defaults" / "segmenter")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

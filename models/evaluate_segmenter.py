@@ -1,0 +1,204 @@
+"""Score a skin segmenter checkpoint, and the YCrCb colour baseline, on labelled folders.
+
+    python -m models.evaluate_segmenter ../shared/data/skin/fasseg_frontal \\
+        ../shared/data/skin/fasseg_multipose ../shared/data/skin/pratheepan \\
+        --json runs/eval.json --sheet runs/sheet.png
+
+Per folder: mean per-image IoU, Dice, precision and recall at the checkpoint's threshold; the
+threshold that would maximise mean IoU on that folder; and milliseconds per image for a
+1024x1024 input, end to end (decoded RGB image -> full-resolution 0/1 mask via
+``Segmenter.predict_masks``). The colour baseline gets the same report.
+
+By default only the checkpoint's held-out photos are scored (``--split val``): the trainer
+stores its validation groups in the checkpoint config, so scores never include photos (or
+other poses of subjects) it trained on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from models.colour_baseline import ColourBaseline
+from models.seg_metrics import METRICS, THRESHOLDS, best_threshold, counts, mean_scores, scores, threshold_counts
+from models.segmenter import DEFAULT_CHECKPOINT, Segmenter
+from models.skin_data import Pair, discover, load_pair, select
+
+log = logging.getLogger("evaluate_segmenter")
+TIMING_SIZE = 1024
+SHEET_TILE = 200
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m models.evaluate_segmenter",
+        description="Evaluate a skin segmenter checkpoint next to the YCrCb colour-threshold baseline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("data", nargs="+", type=Path,
+                   help="data folders with images/ plus labels/ (FASSEG colour maps) or masks/ (binary)")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="segmenter checkpoint folder or fsspec URL (default: the shipped checkpoint)")
+    p.add_argument("--split", choices=("val", "train", "all"), default="val",
+                   help="which photos to score: the checkpoint's held-out groups, its training groups, or all; "
+                        "a folder the checkpoint was not trained on is scored whole")
+    p.add_argument("--json", type=Path, default=None, help="write every figure, per folder and per image, here")
+    p.add_argument("--sheet", type=Path, default=None,
+                   help="write a PNG contact sheet of the worst and best images per folder "
+                        "(image | truth | prediction: green = hit, red = false skin, blue = missed skin)")
+    p.add_argument("--sheet-rows", type=int, default=3, help="worst and best images per folder on the sheet")
+    p.add_argument("--timing-images", type=int, default=10,
+                   help="images per folder timed one by one at 1024x1024 (after 2 warm-up calls)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass while scoring")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device for the model")
+    return p.parse_args(argv)
+
+
+def time_per_image(model: Any, images: Sequence[np.ndarray]) -> dict[str, float]:
+    """Milliseconds for predict_masks on one 1024x1024 image at a time (median and mean)."""
+    big = [cv2.resize(im, (TIMING_SIZE, TIMING_SIZE), interpolation=cv2.INTER_LINEAR) for im in images]
+    for im in big[:2]:
+        model.predict_masks([im])
+    times = []
+    for im in big:
+        start = time.perf_counter()
+        model.predict_masks([im])
+        times.append((time.perf_counter() - start) * 1000)
+    return {"ms_per_image_1024_median": float(np.median(times)), "ms_per_image_1024_mean": float(np.mean(times)),
+            "timed_images": len(times)}
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    out = image.astype(np.float32)
+    if truth is None:
+        layers = [(mask.astype(bool), (0, 255, 0))]
+    else:
+        m, t = mask.astype(bool), truth.astype(bool)
+        layers = [(m & t, (0, 255, 0)), (m & ~t, (255, 0, 0)), (~m & t, (0, 0, 255))]
+    for where, colour in layers:
+        out[where] = 0.45 * out[where] + 0.55 * np.asarray(colour, np.float32)
+    return out.astype(np.uint8)
+
+
+def _tile(image: np.ndarray, caption: str = "") -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = SHEET_TILE / max(h, w)
+    small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    tile = np.full((SHEET_TILE, SHEET_TILE, 3), 255, np.uint8)
+    y, x = (SHEET_TILE - small.shape[0]) // 2, (SHEET_TILE - small.shape[1]) // 2
+    tile[y:y + small.shape[0], x:x + small.shape[1]] = small
+    if caption:
+        cv2.putText(tile, caption, (3, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(tile, caption, (3, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return tile
+
+
+def write_sheet(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, float, float]]) -> None:
+    """One row per case: image, truth overlay, model overlay, colour-baseline overlay."""
+    lines = []
+    for caption, image, truth, pred, iou, base_pred_iou in rows:
+        lines.append(np.hstack([
+            _tile(image, caption[:34]),
+            _tile(_overlay(image, truth, None), "truth"),
+            _tile(_overlay(image, pred[0], truth), f"model IoU {iou:.3f}"),
+            _tile(_overlay(image, pred[1], truth), f"colour IoU {base_pred_iou:.3f}"),
+        ]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(np.vstack(lines), cv2.COLOR_RGB2BGR))
+
+
+def evaluate_folder(segmenter: Segmenter, pairs: Sequence[Pair], args: argparse.Namespace) -> tuple[dict[str, Any], list]:
+    """Scores, threshold sweep and timing for model and baseline on one folder's pairs."""
+    baseline = ColourBaseline()
+    model_rows, base_rows, sweeps, cases = [], [], [], []
+    images_for_timing = []
+    for start in range(0, len(pairs), args.batch_size):
+        chunk = [(p, *load_pair(p)) for p in pairs[start:start + args.batch_size]]
+        images = [im for _, im, _ in chunk]
+        probs = segmenter.predict_probs(images)
+        masks = segmenter.masks_from_probs(probs, [im.shape for im in images])
+        base_masks = baseline.predict_masks(images)
+        for (pair, image, truth), prob, mask, base in zip(chunk, probs, masks, base_masks):
+            full = cv2.resize(prob, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+            sweeps.append(threshold_counts(full, truth))
+            m, b = scores(*counts(mask, truth)), scores(*counts(base, truth))
+            model_rows.append(dict(m, image=pair.name))
+            base_rows.append(dict(b, image=pair.name))
+            cases.append((pair.name, image, truth, (mask, base), m["iou"], b["iou"]))
+        images_for_timing.extend(images[: max(0, args.timing_images - len(images_for_timing))])
+    thr, thr_iou = best_threshold(sweeps)
+    model = dict(mean_scores(model_rows), threshold=segmenter.cfg.threshold, best_threshold=thr,
+                 best_threshold_iou=thr_iou, **time_per_image(segmenter, images_for_timing), per_image=model_rows)
+    base = dict(mean_scores(base_rows), **time_per_image(baseline, images_for_timing), per_image=base_rows)
+    cases.sort(key=lambda c: c[4])
+    n = min(args.sheet_rows, len(cases) // 2) if len(cases) > 1 else len(cases)
+    picked = cases[:n] + cases[len(cases) - n:] if len(cases) > 1 else cases
+    return {"images": len(pairs), "model": model, "colour_baseline": base}, picked
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate every folder; return the report that --json writes."""
+    torch.set_num_threads(args.threads)
+    segmenter = Segmenter.load(args.checkpoint, args.device)
+    split = segmenter.cfg.training.get("split", {})
+    val_groups = split.get("val_groups", {})
+    report: dict[str, Any] = {"checkpoint": args.checkpoint, "checkpoint_sha256": segmenter.sha256,
+                              "arch": segmenter.cfg.arch, "encoder": segmenter.cfg.encoder,
+                              "input_size": segmenter.cfg.input_size, "split": args.split,
+                              "thresholds_swept": [float(t) for t in THRESHOLDS], "datasets": {}}
+    sheet_rows = []
+    for folder in args.data:
+        pairs = discover(folder)
+        name = pairs[0].dataset
+        scope = args.split
+        if args.split != "all" and name not in val_groups:
+            log.warning("%s: the checkpoint holds no split for this folder; scoring all %d images", name, len(pairs))
+            scope = "all"
+        elif args.split != "all":
+            pairs = select(pairs, val_groups, held_out=args.split == "val")
+        if not pairs:
+            log.warning("%s: no images in the %s split; skipped", name, args.split)
+            continue
+        result, picked = evaluate_folder(segmenter, pairs, args)
+        result["scope"] = scope
+        report["datasets"][name] = result
+        sheet_rows.extend((f"{name}/{c[0]}", *c[1:]) for c in picked)
+        log.info("%s (%s, %d images): model IoU %.4f vs colour %.4f", name, scope, len(pairs),
+                 result["model"]["iou"], result["colour_baseline"]["iou"])
+    print_table(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.sheet and sheet_rows:
+        write_sheet(args.sheet, sheet_rows)
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """A plain-text summary on stdout."""
+    head = f"{'dataset':<18}{'method':<16}{'n':>4}" + "".join(f"{m:>10}" for m in METRICS) + f"{'best thr':>10}{'ms/1024²':>10}"
+    print(head)
+    for name, res in report["datasets"].items():
+        for label, key in (("model", "model"), ("colour baseline", "colour_baseline")):
+            r = res[key]
+            thr = f"{r['best_threshold']:.2f}" if "best_threshold" in r else "-"
+            print(f"{name:<18}{label:<16}{res['images']:>4}" + "".join(f"{r[m]:>10.4f}" for m in METRICS)
+                  + f"{thr:>10}{r['ms_per_image_1024_median']:>10.1f}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

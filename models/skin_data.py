@@ -1,0 +1,169 @@
+"""Skin segmentation data: reading image/label folders and splitting them without leaks.
+
+A data folder holds ``images/`` plus either ``labels/`` (FASSEG colour label maps) or
+``masks/`` (binary masks, 255 = skin). Both layouts become RGB uint8 images with uint8 0/1
+targets at the image's own size. The trainer and the evaluator share ``assign_splits`` so a
+checkpoint's held-out photos can be found again from its config.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# FASSEG class colours (RGB) and whether that class counts as target skin. Skin includes neck
+# and ears; the nose is skin acne can affect, so it joins the target.
+FASSEG_COLOURS: tuple[tuple[tuple[int, int, int], int], ...] = (
+    ((255, 255, 0), 1),  # skin
+    ((0, 255, 255), 1),  # nose
+    ((0, 0, 255), 0),  # eyes
+    ((0, 255, 0), 0),  # mouth
+    ((127, 0, 0), 0),  # hair and eyebrows
+    ((255, 0, 0), 0),  # background
+)
+
+# Pointing'04 file names (FASSEG multipose) carry "personneSSXNN": subject SS, series X, shot NN.
+_SUBJECT = re.compile(r"personne(\d{2})")
+_PREFIXES = ("face_photo_", "family_photo_")
+# Two photo names that contain one another merge into one group only when the shorter key is
+# this long; shorter keys ("family") are generic words, not people.
+_MIN_MERGE_KEY = 8
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image and its label file, with the dataset it belongs to and its leak group."""
+
+    dataset: str
+    image: Path
+    label: Path
+    kind: str  # "colour" (FASSEG label map) or "binary" (mask)
+    group: str
+
+    @property
+    def name(self) -> str:
+        return self.image.name
+
+
+def read_rgb(path: Path | str) -> np.ndarray:
+    """Decode an image file to RGB uint8 HxWx3."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot decode image {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def colour_label_to_mask(label_rgb: np.ndarray) -> np.ndarray:
+    """FASSEG colour map -> 0/1 target, each pixel taking its nearest class colour."""
+    colours = np.asarray([c for c, _ in FASSEG_COLOURS], np.int32)
+    targets = np.asarray([t for _, t in FASSEG_COLOURS], np.uint8)
+    dist = ((label_rgb.astype(np.int32)[:, :, None, :] - colours[None, None]) ** 2).sum(-1)
+    return targets[dist.argmin(-1)]
+
+
+def read_target(pair: Pair, shape: tuple[int, ...]) -> np.ndarray:
+    """The pair's 0/1 uint8 target at the image's height and width."""
+    if pair.kind == "colour":
+        mask = colour_label_to_mask(read_rgb(pair.label))
+    else:
+        raw = cv2.imread(str(pair.label), cv2.IMREAD_GRAYSCALE)
+        if raw is None:
+            raise ValueError(f"cannot decode mask {pair.label}")
+        mask = (raw >= 128).astype(np.uint8)
+    if mask.shape[:2] != tuple(shape[:2]):
+        # Some FASSEG label maps are a few pixels off their image; nearest keeps labels crisp.
+        mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return mask
+
+
+def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one pair: RGB uint8 image and its 0/1 target of the same size."""
+    image = read_rgb(pair.image)
+    return image, read_target(pair, image.shape)
+
+
+def _group_key(stem: str) -> str:
+    subject = _SUBJECT.search(stem)
+    if subject:
+        return f"subject{subject.group(1)}"
+    low = stem.lower()
+    for prefix in _PREFIXES:
+        if low.startswith(prefix):
+            low = low[len(prefix):]
+    letters = re.sub(r"[^a-z]", "", low)
+    # Names like "f2_7" or "0520962400" carry no identity beyond the file itself.
+    return letters if len(letters) >= 4 else stem.lower()
+
+
+def group_ids(stems: Sequence[str]) -> list[str]:
+    """Leak groups for photo names: same subject, or names that differ only by numbering.
+
+    Several poses of one Pointing'04 subject share a group, as do "actress-001"/"actress-002"
+    and a key that contains another long key ("srilankanactressyamunaerandathi" and
+    "yamunaerandathi").
+    """
+    keys = [_group_key(s) for s in stems]
+    distinct = sorted(set(keys), key=len)
+    merged = {k: k for k in distinct}
+    for i, short in enumerate(distinct):
+        if len(short) < _MIN_MERGE_KEY or short.startswith("subject"):
+            continue
+        for long in distinct[i + 1:]:
+            if short in long:
+                merged[long] = merged[short]
+    return [merged[k] for k in keys]
+
+
+def discover(folder: Path | str) -> list[Pair]:
+    """List the pairs in one data folder, auto-detecting colour label maps vs binary masks."""
+    root = Path(folder)
+    images_dir = root / "images"
+    if not images_dir.is_dir():
+        raise ValueError(f"{root} has no images/ folder: expected images/ plus labels/ or masks/")
+    if (root / "labels").is_dir():
+        label_dir, kind = root / "labels", "colour"
+    elif (root / "masks").is_dir():
+        label_dir, kind = root / "masks", "binary"
+    else:
+        raise ValueError(f"{root} has neither labels/ (colour maps) nor masks/ (binary masks)")
+    labels = {p.stem: p for p in label_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in labels)
+    if not images:
+        raise ValueError(f"{root}: no image in images/ has a label of the same name in {label_dir.name}/")
+    if kind == "colour":
+        # A "labels/" folder may still hold plain binary masks; look at one to be sure.
+        sample = read_rgb(labels[images[0].stem])
+        if np.array_equal(sample[..., 0], sample[..., 1]) and np.array_equal(sample[..., 1], sample[..., 2]):
+            kind = "binary"
+    groups = group_ids([p.stem for p in images])
+    return [Pair(root.name, p, labels[p.stem], kind, g) for p, g in zip(images, groups)]
+
+
+def assign_splits(pairs: Sequence[Pair], val_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Choose held-out groups per dataset: a seeded shuffle of the sorted group ids.
+
+    At least one group of every dataset with two or more groups is held out, so each dataset
+    gets a validation score. Returns ``{dataset: sorted validation group ids}``.
+    """
+    by_dataset: dict[str, set[str]] = {}
+    for p in pairs:
+        by_dataset.setdefault(p.dataset, set()).add(p.group)
+    val: dict[str, list[str]] = {}
+    for dataset, groups in sorted(by_dataset.items()):
+        ordered = sorted(groups)
+        random.Random(f"{seed}:{dataset}").shuffle(ordered)
+        n_val = max(1, round(val_fraction * len(ordered))) if len(ordered) > 1 and val_fraction > 0 else 0
+        val[dataset] = sorted(ordered[:n_val])
+    return val
+
+
+def select(pairs: Iterable[Pair], val_groups: Mapping[str, Sequence[str]], held_out: bool) -> list[Pair]:
+    """The pairs on the held-out side (``held_out=True``) or the training side of a split."""
+    return [p for p in pairs if (p.group in set(val_groups.get(p.dataset, ()))) == held_out]

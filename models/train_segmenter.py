@@ -1,0 +1,292 @@
+"""Train the skin segmenter on image/label folders and write a checkpoint plus a metrics JSON.
+
+    python -m models.train_segmenter ../shared/data/skin/fasseg_frontal \\
+        ../shared/data/skin/fasseg_multipose ../shared/data/skin/pratheepan --output runs/seg
+
+Each folder holds ``images/`` plus ``labels/`` (FASSEG colour maps) or ``masks/`` (binary).
+A seeded, subject-grouped share of every folder is held out for validation; the split is
+written into the checkpoint config so ``models.evaluate_segmenter --split val`` scores the
+same photos. The checkpoint kept is the epoch with the best validation IoU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.seg_metrics import counts, mean_scores, scores
+from models.segmenter import Segmenter, SegmenterConfig, build_network
+from models.skin_data import Pair, assign_splits, discover, load_pair, select
+
+log = logging.getLogger("train_segmenter")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m models.train_segmenter",
+        description="Train the skin segmenter (skin that acne can affect vs everything else).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("data", nargs="+", type=Path,
+                   help="data folders, each with images/ plus labels/ (FASSEG colour label maps: skin and nose "
+                        "are target) or masks/ (binary, 255 = skin); the layout is detected per folder")
+    p.add_argument("--output", type=Path, default=Path("runs/segmenter"),
+                   help="checkpoint folder to write (weights.safetensors + config.json); overwritten")
+    p.add_argument("--metrics-json", type=Path, default=None,
+                   help="where to write per-epoch history and final validation metrics "
+                        "(default: OUTPUT/train_metrics.json)")
+    p.add_argument("--arch", default="Unet", help="segmentation-models-pytorch architecture (Unet, FPN, ...)")
+    p.add_argument("--encoder", default="mobilenet_v2",
+                   help="smp encoder name; trained from scratch, nothing is downloaded")
+    p.add_argument("--decoder-channels", type=int, nargs="+", default=[64, 48, 32, 16, 16],
+                   help="Unet/UnetPlusPlus decoder widths (five values); ignored by other architectures")
+    p.add_argument("--input-size", type=int, default=256,
+                   help="square network input in pixels (multiple of 32); images are resized to it")
+    p.add_argument("--loss", choices=("bce_dice", "bce", "dice"), default="bce_dice",
+                   help="training loss: binary cross-entropy, soft Dice, or their sum")
+    p.add_argument("--epochs", type=int, default=80, help="maximum number of epochs")
+    p.add_argument("--steps-per-epoch", type=int, default=0,
+                   help="optimiser steps per epoch (0: one pass over the training images)")
+    p.add_argument("--batch-size", type=int, default=8, help="augmented crops per optimiser step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (cosine decay, 1-epoch warm-up)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--patience", type=int, default=15,
+                   help="stop after this many epochs without a better validation IoU (0: never stop early)")
+    p.add_argument("--time-limit-min", type=float, default=40.0,
+                   help="stop before starting an epoch that would end after this many minutes of training")
+    p.add_argument("--val-fraction", type=float, default=0.25,
+                   help="share of each folder's photo groups (subjects) held out for validation")
+    p.add_argument("--dataset-weight", action="append", default=[], metavar="NAME=W",
+                   help="sample images of folder NAME W times as often (repeatable), e.g. pratheepan=2")
+    p.add_argument("--cache-size", type=int, default=512,
+                   help="decoded training images are kept in memory with their longer side at most this")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split, sampling, augmentation and weights")
+    p.add_argument("--no-augment", action="store_true", help="train on plain resized images (for ablations)")
+    args = p.parse_args(argv)
+    if args.input_size % 32:
+        p.error("--input-size must be a multiple of 32")
+    if len(args.decoder_channels) != 5:
+        p.error("--decoder-channels takes five values")
+    return args
+
+
+def _shrink(image: np.ndarray, mask: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    scale = max_side / max(image.shape[:2])
+    if scale >= 1:
+        return image, mask
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+
+
+def augment(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One random square training crop: geometry, then colour, exposure, blur, noise and JPEG.
+
+    The geometry is centred on the inference view (whole image squashed to size x size) and
+    varies it: zoom in to a face part or out with padding (FFHQ faces fill less of the frame
+    than FASSEG's), aspect, rotation, shift and mirror.
+    """
+    h, w = mask.shape
+    zoom = math.exp(rng.uniform(math.log(0.5), math.log(1.5)))
+    aspect = math.exp(rng.uniform(-0.25, 0.25))
+    sx, sy = size / (w * zoom * aspect), size / (h * zoom / aspect)
+    if rng.random() < 0.5:
+        sx = -sx
+    angle = math.radians(rng.uniform(-30, 30) if rng.random() < 0.7 else 0.0)
+    cos, sin = math.cos(angle), math.sin(angle)
+    shift = 0.5 * abs(1 - zoom) + 0.1
+    cx, cy = w * (0.5 + rng.uniform(-shift, shift) / 2), h * (0.5 + rng.uniform(-shift, shift) / 2)
+    lin = np.array([[cos * sx, -sin * sy], [sin * sx, cos * sy]])
+    matrix = np.hstack([lin, (np.array([size / 2, size / 2]) - lin @ np.array([cx, cy]))[:, None]])
+    if rng.random() < 0.5:
+        border, value = cv2.BORDER_REFLECT_101, (0, 0, 0)
+    else:
+        border, value = cv2.BORDER_CONSTANT, tuple(int(v) for v in rng.integers(0, 256, 3))
+    img = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=value)
+    msk = cv2.warpAffine(mask, matrix, (size, size), flags=cv2.INTER_NEAREST, borderMode=border, borderValue=0)
+
+    out = img.astype(np.float32) / 255.0
+    if rng.random() < 0.8:
+        hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-12, 12)) % 360.0
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 1)
+        out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if rng.random() < 0.8:
+        # Exposure and white balance: camera gain, per-channel tint, contrast and gamma.
+        out = out * rng.uniform(0.55, 1.45) * rng.uniform(0.85, 1.15, 3).astype(np.float32)
+        mean = out.mean()
+        out = (out - mean) * rng.uniform(0.6, 1.4) + mean
+        out = np.clip(out, 0, 1) ** rng.uniform(0.6, 1.6)
+    if rng.random() < 0.05:
+        out = np.repeat(cv2.cvtColor(np.clip(out, 0, 1).astype(np.float32), cv2.COLOR_RGB2GRAY)[..., None], 3, 2)
+    if rng.random() < 0.3:
+        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.3, 1.8))
+    if rng.random() < 0.25:
+        out = out + rng.normal(0, rng.uniform(0.005, 0.04), out.shape).astype(np.float32)
+    img = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+    if rng.random() < 0.4:
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(25, 96))])
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    return img, msk
+
+
+def plain_view(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The inference view: the whole image squashed to size x size."""
+    return (cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA),
+            cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST))
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """BCE, soft Dice over the batch, or their sum."""
+    total = logits.new_zeros(())
+    if kind in ("bce", "bce_dice"):
+        total = total + F.binary_cross_entropy_with_logits(logits, target)
+    if kind in ("dice", "bce_dice"):
+        prob = torch.sigmoid(logits)
+        inter = (prob * target).sum()
+        total = total + 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
+    return total
+
+
+def validate(segmenter: Segmenter, val: Sequence[tuple[Pair, np.ndarray, np.ndarray]], batch: int = 8) -> dict[str, dict[str, float]]:
+    """Mean per-image scores per dataset at full resolution, plus their macro mean."""
+    per_dataset: dict[str, list[dict[str, float]]] = {}
+    segmenter.network.eval()
+    for start in range(0, len(val), batch):
+        chunk = val[start:start + batch]
+        preds = segmenter.predict_masks([im for _, im, _ in chunk])
+        for (pair, _, truth), pred in zip(chunk, preds):
+            per_dataset.setdefault(pair.dataset, []).append(scores(*counts(pred, truth)))
+    out = {name: dict(mean_scores(rows), images=len(rows)) for name, rows in sorted(per_dataset.items())}
+    if out:
+        out["macro"] = {m: float(np.mean([v[m] for v in out.values()])) for m in ("iou", "dice", "precision", "recall")}
+    return out
+
+
+def _dataset_weights(specs: Sequence[str]) -> dict[str, float]:
+    weights = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"--dataset-weight expects NAME=W, got {spec!r}")
+        weights[name] = float(value)
+    return weights
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one training; return the metrics that were written to the metrics JSON."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    random.seed(args.seed)
+
+    pairs = [p for folder in args.data for p in discover(folder)]
+    names = [p.dataset for p in pairs]
+    if len(set(names)) != len({str(Path(f).resolve()) for f in args.data}):
+        raise SystemExit("two data folders share a folder name; names identify datasets in the split")
+    val_groups = assign_splits(pairs, args.val_fraction, args.seed)
+    train_pairs, val_pairs = select(pairs, val_groups, False), select(pairs, val_groups, True)
+    for name in sorted(set(names)):
+        log.info("%s: %d train / %d validation images (%s labels)", name,
+                 sum(p.dataset == name for p in train_pairs), sum(p.dataset == name for p in val_pairs),
+                 next(p.kind for p in pairs if p.dataset == name))
+    if not train_pairs:
+        raise SystemExit("no training images left after the validation split")
+
+    t0 = time.time()
+    train_data = [_shrink(*load_pair(p), args.cache_size) for p in train_pairs]
+    val_data = [(p, *load_pair(p)) for p in val_pairs]
+    log.info("decoded %d images in %.1fs", len(pairs), time.time() - t0)
+
+    weights = _dataset_weights(args.dataset_weight)
+    sample_p = np.array([weights.get(p.dataset, 1.0) for p in train_pairs])
+    sample_p = sample_p / sample_p.sum()
+
+    kwargs = {"decoder_channels": list(args.decoder_channels)} if args.arch.lower().startswith("unet") else {}
+    cfg = SegmenterConfig(arch=args.arch, encoder=args.encoder, input_size=args.input_size, model_kwargs=kwargs)
+    network = build_network(cfg)
+    segmenter = Segmenter(network, cfg)
+    params = sum(p.numel() for p in network.parameters())
+    log.info("%s/%s, %.2fM parameters, input %d", args.arch, args.encoder, params / 1e6, args.input_size)
+
+    steps = args.steps_per_epoch or max(1, math.ceil(len(train_pairs) / args.batch_size))
+    total_steps = steps * args.epochs
+    opt = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))))
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
+
+    metrics_path = args.metrics_json or args.output / "train_metrics.json"
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"epoch": 0, "val": {}, "iou": -1.0}
+    split_info = {"val_fraction": args.val_fraction, "seed": args.seed, "val_groups": val_groups,
+                  "val_images": {n: sorted(p.name for p in val_pairs if p.dataset == n) for n in sorted(set(names))}}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "data"}
+    settings["data"] = [Path(f).name for f in args.data]
+    start = time.time()
+    for epoch in range(1, args.epochs + 1):
+        epoch_start = time.time()
+        network.train()
+        losses = []
+        for _ in range(steps):
+            idx = rng.choice(len(train_data), size=args.batch_size, p=sample_p)
+            views = [plain_view(*train_data[i], args.input_size) if args.no_augment
+                     else augment(*train_data[i], args.input_size, rng) for i in idx]
+            x = torch.from_numpy(np.stack([v[0] for v in views])).permute(0, 3, 1, 2).float()
+            y = torch.from_numpy(np.stack([v[1] for v in views])).float().unsqueeze(1)
+            loss = loss_fn(network((x - mean) / std), y, args.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        val = validate(segmenter, val_data) if val_data else {}
+        iou = val.get("macro", {}).get("iou", -float(np.mean(losses)))
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+               "seconds": round(time.time() - epoch_start, 1), "val": val}
+        history.append(row)
+        improved = iou > best["iou"]
+        if improved:
+            best = {"epoch": epoch, "val": val, "iou": iou}
+            training = {"settings": settings, "split": split_info, "best_epoch": epoch, "val_metrics": val,
+                        "parameters": params, "torch": torch.__version__}
+            segmenter.save(str(args.output), training=training)
+        log.info("epoch %d/%d loss %.4f val %s%s (%.0fs)", epoch, args.epochs, row["train_loss"],
+                 " ".join(f"{k}={v['iou']:.4f}" for k, v in val.items()), " *best" if improved else "",
+                 row["seconds"])
+        elapsed = time.time() - start
+        if args.patience and epoch - best["epoch"] >= args.patience:
+            log.info("early stop: no better validation IoU for %d epochs", args.patience)
+            break
+        if elapsed + elapsed / epoch > args.time_limit_min * 60:
+            log.info("time limit: %.1f min used, next epoch would pass %.0f min", elapsed / 60, args.time_limit_min)
+            break
+    result = {"checkpoint": str(args.output), "best_epoch": best["epoch"], "best_val": best["val"],
+              "epochs_run": len(history), "train_minutes": round((time.time() - start) / 60, 2),
+              "parameters": params, "settings": settings, "split": split_info, "history": history}
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("best epoch %d, validation %s; wrote %s and %s", best["epoch"],
+             {k: round(v["iou"], 4) for k, v in best["val"].items()}, args.output, metrics_path)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
