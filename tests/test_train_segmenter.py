@@ -1,0 +1,127 @@
+"""Training as a user runs it: folders in, a loadable checkpoint and a metrics JSON out."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from models import train_segmenter
+from models.segmenter import Segmenter
+from models.skin_data import assign_splits, colour_label_to_mask, discover, load_pair, select
+
+NAMES = ("alice", "bruno", "chiara", "dmitri", "esther", "fatima")
+SKIN, NOSE, EYES, HAIR, BACKGROUND = (255, 255, 0), (0, 255, 255), (0, 0, 255), (127, 0, 0), (255, 0, 0)
+
+
+def _face(rng: np.random.Generator, h: int = 80, w: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A drawn face on a noisy background, with its 0/1 skin mask."""
+    image = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    centre = (int(w * rng.uniform(0.4, 0.6)), int(h * rng.uniform(0.4, 0.6)))
+    axes = (int(w * 0.3), int(h * 0.35))
+    cv2.ellipse(image, centre, axes, 0, 0, 360, (210, 160, 130), -1)
+    cv2.ellipse(mask, centre, axes, 0, 0, 360, 1, -1)
+    return image, mask
+
+
+def _write_binary_folder(root: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        image, mask = _face(rng)
+        cv2.imwrite(str(root / "images" / f"{NAMES[i]}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(root / "masks" / f"{NAMES[i]}.png"), mask * 255)
+    return root
+
+
+def _write_fasseg_folder(root: Path, subjects: int, poses: int, seed: int) -> Path:
+    """FASSEG-multipose-like names and colour label maps, a label a few pixels too wide."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for s in range(1, subjects + 1):
+        for pose in range(poses):
+            image, mask = _face(rng)
+            label = np.empty(image.shape, np.uint8)
+            label[:] = BACKGROUND
+            label[mask > 0] = SKIN
+            label[35:45, 30:34] = NOSE
+            label[:8] = HAIR
+            if pose == 0:
+                label = cv2.resize(label, (label.shape[1] + 3, label.shape[0]), interpolation=cv2.INTER_NEAREST)
+            name = f"f3_{pose}_personne{s:02d}1{pose:02d}+0+0.png"
+            cv2.imwrite(str(root / "images" / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            cv2.imwrite(str(root / "labels" / name), cv2.cvtColor(label, cv2.COLOR_RGB2BGR))
+    return root
+
+
+def test_anti_aliased_colour_labels_map_to_the_nearest_class() -> None:
+    label = np.array([[SKIN, NOSE, EYES, HAIR, BACKGROUND, (240, 250, 20), (200, 30, 10)]], np.uint8)
+    np.testing.assert_array_equal(colour_label_to_mask(label), [[1, 1, 0, 0, 0, 1, 0]])
+
+
+def test_folders_are_detected_and_labels_fit_their_images(tmp_path: Path) -> None:
+    fasseg = discover(_write_fasseg_folder(tmp_path / "multi", subjects=2, poses=2, seed=0))
+    binary = discover(_write_binary_folder(tmp_path / "bin", n=2, seed=1))
+    assert {p.kind for p in fasseg} == {"colour"} and {p.kind for p in binary} == {"binary"}
+    for pair in fasseg + binary:
+        image, target = load_pair(pair)
+        assert target.shape == image.shape[:2] and set(np.unique(target)) <= {0, 1}
+
+
+def test_poses_of_one_subject_never_straddle_the_split(tmp_path: Path) -> None:
+    pairs = discover(_write_fasseg_folder(tmp_path / "multi", subjects=7, poses=3, seed=0))
+    val_groups = assign_splits(pairs, val_fraction=0.25, seed=3)
+    assert val_groups == assign_splits(pairs, val_fraction=0.25, seed=3)
+    subject = {p.name: re.search(r"personne(\d\d)", p.name).group(1) for p in pairs}
+    val = {subject[p.name] for p in select(pairs, val_groups, held_out=True)}
+    train = {subject[p.name] for p in select(pairs, val_groups, held_out=False)}
+    assert len(val) == 2 and len(train) == 5 and not val & train
+
+
+def test_augmented_crops_are_square_and_keep_binary_masks() -> None:
+    rng = np.random.default_rng(0)
+    image, mask = _face(rng, 120, 90)
+    for _ in range(20):
+        crop, target = train_segmenter.augment(image, mask, 64, rng)
+        assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
+        assert target.shape == (64, 64) and set(np.unique(target)) <= {0, 1}
+
+
+def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train_segmenter.parse_args(["--help"])
+    text = capsys.readouterr().out
+    parser_flags = re.findall(r"^  (--[a-z-]+)", text, flags=re.M)
+    assert len(parser_flags) >= 15
+    for flag in parser_flags:
+        line = next(line for line in text.splitlines() if line.startswith(f"  {flag}"))
+        following = text.split(line, 1)[1].split("\n  -", 1)[0]
+        assert len((line + following).split()) > 3, f"{flag} has no explanation"
+
+
+def test_short_training_writes_a_loadable_checkpoint_and_metrics(tmp_path: Path) -> None:
+    multi = _write_fasseg_folder(tmp_path / "multi", subjects=3, poses=2, seed=0)
+    binary = _write_binary_folder(tmp_path / "bin", n=5, seed=1)
+    out = tmp_path / "ckpt"
+    train_segmenter.main([str(multi), str(binary), "--output", str(out), "--epochs", "2", "--steps-per-epoch", "2",
+                          "--batch-size", "2", "--input-size", "64", "--decoder-channels", "16", "16", "16", "16", "16",
+                          "--val-fraction", "0.34", "--seed", "1"])
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2]
+    assert set(metrics["best_val"]) == {"multi", "bin", "macro"}
+
+    seg = Segmenter.load(str(out))
+    training = seg.cfg.training
+    assert training["split"]["val_groups"] == metrics["split"]["val_groups"]
+    assert training["settings"]["epochs"] == 2 and "iou" in training["val_metrics"]["macro"]
+    assert seg.cfg.input_size == 64
+    val_images = set(training["split"]["val_images"]["multi"])
+    assert val_images and len(val_images) < 6
+    image = np.zeros((50, 40, 3), np.uint8)
+    assert seg.predict_masks([image])[0].shape == (50, 40)
