@@ -18,15 +18,19 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
-# FASSEG class colours (RGB) and whether that class counts as target skin. Skin includes neck
-# and ears; the nose is skin acne can affect, so it joins the target.
+# Region codes used by the trainer's augmentation. Binary masks only know SKIN vs OTHER;
+# FASSEG label maps also say which non-skin pixels are hair and which are background.
+OTHER, SKIN, HAIR, BACKGROUND = 0, 1, 2, 3
+
+# FASSEG class colours (RGB) and their region. Skin includes neck and ears; the nose is skin
+# acne can affect, so it joins the target; eyes and mouth are OTHER.
 FASSEG_COLOURS: tuple[tuple[tuple[int, int, int], int], ...] = (
-    ((255, 255, 0), 1),  # skin
-    ((0, 255, 255), 1),  # nose
-    ((0, 0, 255), 0),  # eyes
-    ((0, 255, 0), 0),  # mouth
-    ((127, 0, 0), 0),  # hair and eyebrows
-    ((255, 0, 0), 0),  # background
+    ((255, 255, 0), SKIN),
+    ((0, 255, 255), SKIN),  # nose
+    ((0, 0, 255), OTHER),  # eyes
+    ((0, 255, 0), OTHER),  # mouth
+    ((127, 0, 0), HAIR),  # hair and eyebrows
+    ((255, 0, 0), BACKGROUND),
 )
 
 # Pointing'04 file names (FASSEG multipose) carry "personneSSXNN": subject SS, series X, shot NN.
@@ -60,33 +64,49 @@ def read_rgb(path: Path | str) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def colour_label_to_mask(label_rgb: np.ndarray) -> np.ndarray:
-    """FASSEG colour map -> 0/1 target, each pixel taking its nearest class colour."""
+def colour_label_to_regions(label_rgb: np.ndarray) -> np.ndarray:
+    """FASSEG colour map -> region codes, each pixel taking its nearest class colour."""
     colours = np.asarray([c for c, _ in FASSEG_COLOURS], np.int32)
-    targets = np.asarray([t for _, t in FASSEG_COLOURS], np.uint8)
+    regions = np.asarray([r for _, r in FASSEG_COLOURS], np.uint8)
     dist = ((label_rgb.astype(np.int32)[:, :, None, :] - colours[None, None]) ** 2).sum(-1)
-    return targets[dist.argmin(-1)]
+    return regions[dist.argmin(-1)]
 
 
-def read_target(pair: Pair, shape: tuple[int, ...]) -> np.ndarray:
-    """The pair's 0/1 uint8 target at the image's height and width."""
+def colour_label_to_mask(label_rgb: np.ndarray) -> np.ndarray:
+    """FASSEG colour map -> 0/1 target (skin and nose)."""
+    return (colour_label_to_regions(label_rgb) == SKIN).astype(np.uint8)
+
+
+def read_regions(pair: Pair, shape: tuple[int, ...]) -> np.ndarray:
+    """The pair's region codes (OTHER/SKIN/HAIR/BACKGROUND) at the image's height and width."""
     if pair.kind == "colour":
-        mask = colour_label_to_mask(read_rgb(pair.label))
+        regions = colour_label_to_regions(read_rgb(pair.label))
     else:
         raw = cv2.imread(str(pair.label), cv2.IMREAD_GRAYSCALE)
         if raw is None:
             raise ValueError(f"cannot decode mask {pair.label}")
-        mask = (raw >= 128).astype(np.uint8)
-    if mask.shape[:2] != tuple(shape[:2]):
+        regions = np.where(raw >= 128, SKIN, OTHER).astype(np.uint8)
+    if regions.shape[:2] != tuple(shape[:2]):
         # Some FASSEG label maps are a few pixels off their image; nearest keeps labels crisp.
-        mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    return mask
+        regions = cv2.resize(regions, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return regions
+
+
+def read_target(pair: Pair, shape: tuple[int, ...]) -> np.ndarray:
+    """The pair's 0/1 uint8 target at the image's height and width."""
+    return (read_regions(pair, shape) == SKIN).astype(np.uint8)
 
 
 def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     """Decode one pair: RGB uint8 image and its 0/1 target of the same size."""
     image = read_rgb(pair.image)
     return image, read_target(pair, image.shape)
+
+
+def load_regions(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one pair: RGB uint8 image and its region codes of the same size."""
+    image = read_rgb(pair.image)
+    return image, read_regions(pair, image.shape)
 
 
 def _group_key(stem: str) -> str:

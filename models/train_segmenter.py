@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from models.seg_metrics import counts, mean_scores, scores
 from models.segmenter import Segmenter, SegmenterConfig, build_network
-from models.skin_data import Pair, assign_splits, discover, load_pair, select
+from models.skin_data import BACKGROUND, HAIR, SKIN, Pair, assign_splits, discover, load_pair, load_regions, select
 
 log = logging.getLogger("train_segmenter")
 
@@ -90,14 +90,13 @@ def _shrink(image: np.ndarray, mask: np.ndarray, max_side: int) -> tuple[np.ndar
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
 
 
-def augment(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One random square training crop: geometry, then colour, exposure, blur, noise and JPEG.
+def _geometry(image: np.ndarray, regions: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random square view centred on the inference view (whole image squashed to size x size).
 
-    The geometry is centred on the inference view (whole image squashed to size x size) and
-    varies it: zoom in to a face part or out with padding (FFHQ faces fill less of the frame
-    than FASSEG's), aspect, rotation, shift and mirror.
+    It zooms in to a face part or out with padding (FFHQ faces fill more or less of the frame
+    than FASSEG's), and varies aspect, rotation, shift and mirroring.
     """
-    h, w = mask.shape
+    h, w = regions.shape
     zoom = math.exp(rng.uniform(math.log(0.5), math.log(1.5)))
     aspect = math.exp(rng.uniform(-0.25, 0.25))
     sx, sy = size / (w * zoom * aspect), size / (h * zoom / aspect)
@@ -110,13 +109,46 @@ def augment(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Gener
     lin = np.array([[cos * sx, -sin * sy], [sin * sx, cos * sy]])
     matrix = np.hstack([lin, (np.array([size / 2, size / 2]) - lin @ np.array([cx, cy]))[:, None]])
     if rng.random() < 0.5:
-        border, value = cv2.BORDER_REFLECT_101, (0, 0, 0)
+        border, value, fill = cv2.BORDER_REFLECT_101, (0, 0, 0), 0
     else:
-        border, value = cv2.BORDER_CONSTANT, tuple(int(v) for v in rng.integers(0, 256, 3))
+        border, value, fill = cv2.BORDER_CONSTANT, tuple(int(v) for v in rng.integers(0, 256, 3)), BACKGROUND
     img = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=value)
-    msk = cv2.warpAffine(mask, matrix, (size, size), flags=cv2.INTER_NEAREST, borderMode=border, borderValue=0)
+    reg = cv2.warpAffine(regions, matrix, (size, size), flags=cv2.INTER_NEAREST, borderMode=border, borderValue=fill)
+    return img, reg
 
+
+def _recolour_hair(img: np.ndarray, hair: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dye the hair red, blond or grey: FASSEG hair is mostly dark, FFHQ's is every colour,
+    and light or red hair is where colour alone confuses hair with skin."""
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    hue, sat, val = hsv[..., 0][hair], hsv[..., 1][hair], hsv[..., 2][hair]
+    hsv[..., 0][hair] = (rng.uniform(0, 50) + 0.3 * (hue - hue.mean())) % 360.0
+    hsv[..., 1][hair] = np.clip(sat * rng.uniform(0.2, 1.3) + rng.uniform(0, 0.3), 0, 1)
+    hsv[..., 2][hair] = np.clip(val * rng.uniform(1.0, 3.0), 0, 1)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def augment(image: np.ndarray, regions: np.ndarray, size: int, rng: np.random.Generator,
+            donor: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One random training view and its 0/1 target.
+
+    Geometry first; then, where the labels know them, the background is replaced by a view of
+    another training photo (with that photo's skin labels; FASSEG's plain studio walls are
+    nothing like FFHQ's scenes) and the hair is recoloured; then colour, exposure, blur, noise
+    and JPEG artefacts over the whole view.
+    """
+    img, reg = _geometry(image, regions, size, rng)
+    target = (reg == SKIN).astype(np.uint8)
     out = img.astype(np.float32) / 255.0
+    background = reg == BACKGROUND
+    if donor is not None and background.any() and rng.random() < 0.6:
+        donor_img, donor_reg = _geometry(*donor, size, rng)
+        alpha = cv2.GaussianBlur(background.astype(np.float32), (0, 0), 1.0)[..., None]
+        out = out * (1 - alpha) + donor_img.astype(np.float32) / 255.0 * alpha
+        target = np.where(background, donor_reg == SKIN, target).astype(np.uint8)
+    hair = reg == HAIR
+    if hair.any() and rng.random() < 0.4:
+        out = _recolour_hair(out, hair, rng)
     if rng.random() < 0.8:
         hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV)
         hsv[..., 0] = (hsv[..., 0] + rng.uniform(-12, 12)) % 360.0
@@ -138,13 +170,13 @@ def augment(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Gener
     if rng.random() < 0.4:
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(25, 96))])
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    return img, msk
+    return img, target
 
 
-def plain_view(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The inference view: the whole image squashed to size x size."""
+def plain_view(image: np.ndarray, regions: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The inference view: the whole image squashed to size x size, with its 0/1 target."""
     return (cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA),
-            cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST))
+            (cv2.resize(regions, (size, size), interpolation=cv2.INTER_NEAREST) == SKIN).astype(np.uint8))
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -205,7 +237,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("no training images left after the validation split")
 
     t0 = time.time()
-    train_data = [_shrink(*load_pair(p), args.cache_size) for p in train_pairs]
+    train_data = [_shrink(*load_regions(p), args.cache_size) for p in train_pairs]
     val_data = [(p, *load_pair(p)) for p in val_pairs]
     log.info("decoded %d images in %.1fs", len(pairs), time.time() - t0)
 
@@ -243,7 +275,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(steps):
             idx = rng.choice(len(train_data), size=args.batch_size, p=sample_p)
             views = [plain_view(*train_data[i], args.input_size) if args.no_augment
-                     else augment(*train_data[i], args.input_size, rng) for i in idx]
+                     else augment(*train_data[i], args.input_size, rng, train_data[rng.integers(len(train_data))])
+                     for i in idx]
             x = torch.from_numpy(np.stack([v[0] for v in views])).permute(0, 3, 1, 2).float()
             y = torch.from_numpy(np.stack([v[1] for v in views])).float().unsqueeze(1)
             loss = loss_fn(network((x - mean) / std), y, args.loss)
