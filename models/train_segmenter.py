@@ -73,6 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="decoded training images are kept in memory with their longer side at most this")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, sampling, augmentation and weights")
+    p.add_argument("--fake-backgrounds", type=float, default=0.25,
+                   help="probability that a FASSEG view's background becomes a smooth skin-toned backdrop "
+                        "(otherwise half the time another training photo, else kept)")
     p.add_argument("--no-augment", action="store_true", help="train on plain resized images (for ablations)")
     args = p.parse_args(argv)
     if args.input_size % 32:
@@ -128,24 +131,45 @@ def _recolour_hair(img: np.ndarray, hair: np.ndarray, rng: np.random.Generator) 
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
+def _skin_toned_field(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A smooth, skin-coloured, non-skin backdrop (float RGB in [0, 1]).
+
+    FFHQ backgrounds are often out-of-focus walls, wood or bricks in skin hues; these teach the
+    network that skin colour without a face's shape and texture is not skin.
+    """
+    cells = int(rng.integers(2, 12))
+    hsv = np.empty((cells, cells, 3), np.float32)
+    hsv[..., 0] = (rng.uniform(0, 40) + rng.normal(0, 6, (cells, cells))) % 360.0
+    hsv[..., 1] = np.clip(rng.uniform(0.15, 0.7) + rng.normal(0, 0.08, (cells, cells)), 0, 1)
+    hsv[..., 2] = np.clip(rng.uniform(0.25, 0.95) + rng.normal(0, 0.12, (cells, cells)), 0, 1)
+    field = cv2.cvtColor(cv2.resize(hsv, (size, size), interpolation=cv2.INTER_CUBIC), cv2.COLOR_HSV2RGB)
+    return np.clip(field + rng.normal(0, rng.uniform(0.0, 0.04), field.shape).astype(np.float32), 0, 1)
+
+
 def augment(image: np.ndarray, regions: np.ndarray, size: int, rng: np.random.Generator,
-            donor: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+            donor: tuple[np.ndarray, np.ndarray] | None = None,
+            fake_backgrounds: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
     """One random training view and its 0/1 target.
 
-    Geometry first; then, where the labels know them, the background is replaced by a view of
-    another training photo (with that photo's skin labels; FASSEG's plain studio walls are
-    nothing like FFHQ's scenes) and the hair is recoloured; then colour, exposure, blur, noise
-    and JPEG artefacts over the whole view.
+    Geometry first; then, where the labels know them, the background is replaced (FASSEG's
+    plain studio walls are nothing like FFHQ's scenes) by a view of another training photo with
+    that photo's skin labels, or with probability ``fake_backgrounds`` by a skin-toned backdrop,
+    and the hair is recoloured; then colour, exposure, blur, noise and JPEG artefacts.
     """
     img, reg = _geometry(image, regions, size, rng)
     target = (reg == SKIN).astype(np.uint8)
     out = img.astype(np.float32) / 255.0
     background = reg == BACKGROUND
-    if donor is not None and background.any() and rng.random() < 0.6:
-        donor_img, donor_reg = _geometry(*donor, size, rng)
+    choice = rng.random()
+    if background.any() and (choice < fake_backgrounds or (donor is not None and choice < fake_backgrounds + 0.5)):
+        if choice < fake_backgrounds:
+            fill, fill_target = _skin_toned_field(size, rng), np.zeros_like(target)
+        else:
+            donor_img, donor_reg = _geometry(*donor, size, rng)
+            fill, fill_target = donor_img.astype(np.float32) / 255.0, (donor_reg == SKIN).astype(np.uint8)
         alpha = cv2.GaussianBlur(background.astype(np.float32), (0, 0), 1.0)[..., None]
-        out = out * (1 - alpha) + donor_img.astype(np.float32) / 255.0 * alpha
-        target = np.where(background, donor_reg == SKIN, target).astype(np.uint8)
+        out = out * (1 - alpha) + fill * alpha
+        target = np.where(background, fill_target, target).astype(np.uint8)
     hair = reg == HAIR
     if hair.any() and rng.random() < 0.4:
         out = _recolour_hair(out, hair, rng)
@@ -275,7 +299,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(steps):
             idx = rng.choice(len(train_data), size=args.batch_size, p=sample_p)
             views = [plain_view(*train_data[i], args.input_size) if args.no_augment
-                     else augment(*train_data[i], args.input_size, rng, train_data[rng.integers(len(train_data))])
+                     else augment(*train_data[i], args.input_size, rng, train_data[rng.integers(len(train_data))],
+                             args.fake_backgrounds)
                      for i in idx]
             x = torch.from_numpy(np.stack([v[0] for v in views])).permute(0, 3, 1, 2).float()
             y = torch.from_numpy(np.stack([v[1] for v in views])).float().unsqueeze(1)
