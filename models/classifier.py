@@ -54,6 +54,9 @@ class ClassifierConfig:
     classes: tuple[str, ...]
     arch: str = "mobilenetv3_small_100"
     input_size: int = 96
+    # Side in pixels of the dataset patches it was trained on (0 = unknown or mixed): lesion
+    # counts are per patch, so scoring should cut patches of this size at the same image scale.
+    patch_size: int = 0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     count_output: bool = False

@@ -52,6 +52,15 @@ def evaluate(dataset: str, clf: Classifier, split: str) -> dict[str, Any]:
     unknown = sorted({lab for lab in labels if lab is not None and lab not in classes})
     if unknown:
         raise ValueError(f"dataset labels {unknown} are not classes of this checkpoint ({classes})")
+    sizes = sorted(set(data.boxes[:, 2].tolist()))
+    if clf.cfg.patch_size and sizes != [clf.cfg.patch_size]:
+        log.warning(
+            "dataset patches are %s px but the classifier was trained on %d px patches: lesion scale and counts "
+            "per patch differ, expect worse results; rebuild the dataset with --patch-size %d",
+            sizes,
+            clf.cfg.patch_size,
+            clf.cfg.patch_size,
+        )
     probs = clf.predict_patches(list(data.pixels))
     faces = []
     for face, idx in enumerate(data.face_patches()):
@@ -78,6 +87,7 @@ def evaluate(dataset: str, clf: Classifier, split: str) -> dict[str, Any]:
         "split": split,
         "checkpoint_sha256": clf.sha256,
         "aggregation": clf.cfg.aggregation,
+        "patch_sizes": sizes,
         "unlabelled_faces": len(faces) - len(labelled),
         **classification_report(y_true, face_probs.argmax(1), classes),
     }

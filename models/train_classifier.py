@@ -110,7 +110,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=300,
         help="train faces the per-epoch evidence fit uses (0 = all); the selected epoch is refitted on all",
     )
-    p.add_argument("--init", default=None, help="classifier checkpoint to start from (same arch; other heads reset)")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="classifier checkpoint to start from (same arch). With another class set the class logits restart "
+        "but the lesion-count output is kept, so '--init CKPT --epochs 0 --label-map ...' refits only the "
+        "evidence aggregation for new labels",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     return p.parse_args(argv)
@@ -193,16 +199,19 @@ class Trainer:
             if args.balance == "faces"
             else np.ones(len(classes))
         )
+        sizes = np.unique(self.train.boxes[:, 2])
         self.cfg = ClassifierConfig(
             classes=classes,
             arch=args.arch,
             input_size=args.input_size,
+            patch_size=int(sizes[0]) if len(sizes) == 1 else 0,
             count_output=self.use_count,
             topk=args.topk,
             label_map=mapping,
         )
         torch.manual_seed(args.seed)
         self.network = build_network(self.cfg)
+        self.label_head_reset = False
         if self.use_count:
             self._init_count_output()
         if args.init:
@@ -222,11 +231,27 @@ class Trainer:
         )
 
     def _warm_start(self, uri: str) -> None:
-        state = load_checkpoint(uri, KIND).state_dict
+        ckpt = load_checkpoint(uri, KIND)
         own = self.network.state_dict()
-        fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        fitting = {k: v for k, v in ckpt.state_dict.items() if k in own and own[k].shape == v.shape}
+        head = next(name for name, mod in self.network.named_modules() if mod is self.network.get_classifier())
+        head_keys = [f"{head}.weight", f"{head}.bias"]
+        self.label_head_reset = any(k not in fitting for k in head_keys)
+        if self.label_head_reset and self.use_count and ckpt.config.get("count_output"):
+            # Another class set resets the class logits, but the lesion-count row (the last) carries over.
+            for k in head_keys:
+                if k in ckpt.state_dict and k in own:
+                    merged = own[k].clone()
+                    merged[-1] = ckpt.state_dict[k][-1]
+                    fitting[k] = merged
         self.network.load_state_dict(fitting, strict=False)
-        log.info("warm start from %s: %d of %d tensors reused", uri, len(fitting), len(own))
+        log.info(
+            "warm start from %s: %d of %d tensors reused%s",
+            uri,
+            len(fitting),
+            len(own),
+            "; class logits reset" if self.label_head_reset else "",
+        )
 
     def _train_epoch(self, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator, rng: np.random.Generator) -> float:
         args, data, net = self.args, self.train, self.network
@@ -291,7 +316,7 @@ class Trainer:
         """
         val_out = self._outputs(self.val)
         candidates: dict[str, ClassifierConfig] = {}
-        if self.args.label_weight > 0:
+        if self.args.label_weight > 0 and not (self.label_head_reset and self.args.epochs == 0):
             for agg in ("mean", "geomean", "topk"):
                 candidates[agg] = replace(self.cfg, aggregation=agg)
         result: dict[str, Any] = {}

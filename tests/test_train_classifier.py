@@ -39,6 +39,7 @@ def test_learns_a_separable_signal_and_writes_a_usable_checkpoint(colour_dataset
     assert clf.sha256 == metrics["checkpoint_sha256"]
     assert clf.cfg.training["best_epoch"] == metrics["best_epoch"]
     assert clf.cfg.training["args"]["seed"] == 0
+    assert clf.cfg.patch_size == 24 and clf.cfg.input_size == 24
 
 
 def test_label_map_groups_grades_and_classes_come_from_the_data(tmp_path: Path) -> None:
@@ -71,6 +72,14 @@ def test_lesion_counts_are_learned_and_grade_faces_by_evidence(tmp_path: Path) -
     assert metrics["history"][-1]["val_face_lesion_mae"] < metrics["history"][0]["val_face_lesion_mae"] + 1e-9
     clf = Classifier.load(str(tmp_path / "ckpt"))
     assert clf.cfg.patch_output == "count" and clf.cfg.count_output
+    # New labels for the same lesions: keep the counting network, refit only the face decision.
+    refit = _train(
+        data, tmp_path / "refit", "--init", str(tmp_path / "ckpt"), "--epochs", "0",
+        "--label-map", "0->clear;1->acne", "--classes", "clear,acne",
+    )
+    evidence = refit["validation_by_aggregation"]["evidence"]
+    assert evidence["accuracy"] == metrics["validation"]["accuracy"]
+    assert refit["classes"] == ["clear", "acne"]
 
 
 def test_a_face_in_two_splits_is_refused(tmp_path: Path) -> None:
