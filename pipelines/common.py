@@ -8,13 +8,17 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import socket
 import sys
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import apache_beam as beam
+import fsspec
 import torch
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -65,6 +69,45 @@ def workers_run_here(options: Optional[PipelineOptions]) -> bool:
     return name is None or name.rsplit(".", 1)[-1] in LOCAL_RUNNERS
 
 
+def store_endpoint(url: str) -> Optional[str]:
+    """The HTTP endpoint behind an ``s3://`` or ``gs://`` URL (emulators and custom endpoints included)."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme in ("gs", "gcs"):
+        return fsspec.filesystem("gs")._location
+    if scheme in ("s3", "s3a"):
+        fs = fsspec.filesystem("s3")
+        fs.connect()
+        return fs.s3.meta.endpoint_url
+    return None
+
+
+def check_endpoints(urls: Sequence[Optional[str]], timeout: float = 5.0) -> None:
+    """Fail in seconds when an object store cannot be reached at all.
+
+    The store clients retry a refused connection with backoff for a minute or more, which
+    looks like a hung launcher. One TCP connect per endpoint says it at once. Skipped behind
+    an HTTP proxy, where only the proxy is reachable directly.
+    """
+    if urllib.request.getproxies():
+        return
+    seen: set[str] = set()
+    for url in urls:
+        endpoint = store_endpoint(url) if url else None
+        if endpoint is None or endpoint in seen:
+            continue
+        seen.add(endpoint)
+        parts = urllib.parse.urlsplit(endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        except OSError as exc:
+            hint = "STORAGE_EMULATOR_HOST" if url.startswith(("gs:", "gcs:")) else "AWS_ENDPOINT_URL_S3"
+            raise JobConfigError(
+                f"cannot reach the storage endpoint {endpoint} for {url}: {type(exc).__name__}: {exc}. "
+                f"Check the network, and {hint} if you point at a custom endpoint or emulator."
+            ) from exc
+
+
 def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None) -> Prepared:
     """Check everything that can be checked before the job starts; clear the output last.
 
@@ -75,6 +118,10 @@ def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None)
         args.stride = args.patch_size
     if args.device == "cuda" and workers_run_here(options) and not torch.cuda.is_available():
         raise JobConfigError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    check_endpoints([
+        *args.input, args.output, args.segmenter_checkpoint, getattr(args, "classifier_checkpoint", None),
+        *(args.labels_csv or ()), args.ffhq_metadata,
+    ])
     try:
         segmenter = Segmenter.load(args.segmenter_checkpoint)
         files = check_patterns(args.input)

@@ -111,6 +111,33 @@ def expand_pattern(pattern: str) -> list[str]:
     return sorted(fs.unstrip_protocol(p) if "://" in pattern else p for p in files)
 
 
+# Stores whose URLs start with a bucket that must exist before anything can be read or written.
+BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+
+def missing_bucket(url: str) -> Optional[str]:
+    """``scheme://bucket`` if ``url`` is on an object store and its bucket does not exist (or cannot be seen)."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in BUCKET_PROTOCOLS:
+        return None
+    fs, path = fsspec.core.url_to_fs(url)
+    bucket = path.split("/", 1)[0]
+    return None if fs.exists(bucket) else f"{scheme}://{bucket}"
+
+
+def _refuse_missing_bucket(pattern: str) -> None:
+    """Say so plainly when a pattern's bucket does not exist (stores report it as a bare 404)."""
+    try:
+        gone = missing_bucket(pattern)
+    except Exception:
+        return  # the caller reports the listing error itself
+    if gone:
+        raise InputError(
+            f"input {pattern!r}: bucket {gone} does not exist, or these credentials cannot see it. "
+            "Check the bucket name (and the project or account it belongs to)."
+        )
+
+
 def check_patterns(patterns: Sequence[str]) -> int:
     """Fail fast on a pattern that matches nothing or cannot be listed; return the file count."""
     if not patterns:
@@ -120,11 +147,14 @@ def check_patterns(patterns: Sequence[str]) -> int:
         try:
             files = expand_pattern(pattern)
         except Exception as exc:
+            if not isinstance(exc, PermissionError):
+                _refuse_missing_bucket(pattern)
             raise InputError(
                 f"cannot list input {pattern!r}: {type(exc).__name__}: {exc}. Check the path, the bucket "
                 "name and your credentials."
             ) from exc
         if not files:
+            _refuse_missing_bucket(pattern)
             raise InputError(
                 f"input {pattern!r} matches no files. Check the path; quote globs so the shell does not "
                 "expand them, e.g. --input 'data/*/*.png'."

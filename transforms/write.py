@@ -22,6 +22,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.transforms.window import GlobalWindows
 
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, MANIFEST, OUTCOME_SCHEMA, join, write_manifest
+from transforms.read import missing_bucket
 from transforms.records import FAILED, FILTERED, KEPT, Outcome
 
 NAMESPACE = "acne"
@@ -39,6 +40,13 @@ def prepare_output(root: str, overwrite: bool) -> None:
     """Refuse a non-empty output unless ``overwrite``; then clear it, manifest first."""
     try:
         fs, path = fsspec.core.url_to_fs(root)
+        # Object stores would create a mistyped bucket on the first write; refuse instead.
+        gone = missing_bucket(root)
+        if gone:
+            raise OutputError(
+                f"output bucket {gone} does not exist, or these credentials cannot see it: create it first "
+                "(jobs never create buckets) or fix --output"
+            )
         existing = fs.exists(path) and bool(fs.ls(path))
         if existing and not overwrite:
             raise OutputError(f"output {root} is not empty: pass --overwrite to replace it, or choose another --output")
