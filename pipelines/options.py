@@ -15,6 +15,8 @@ from transforms.decode import DEFAULT_MAX_PIXELS
 from transforms.patches import FORMATS
 from transforms.split import MODES
 
+DEFAULT_PATCH_SIZE = 256
+
 BEAM_EPILOG = """\
 Beam flags pass straight through, for example:
   --runner DirectRunner            (the default here) or DataflowRunner, PortableRunner, ...
@@ -86,7 +88,9 @@ class PatchOptions(PipelineOptions):
         g = parser.add_argument_group("faces and patches")
         g.add_argument("--min-face-skin", type=_fraction, default=0.15,
                        help="Filter out faces whose skin fraction is below this (default: %(default)s).")
-        g.add_argument("--patch-size", type=_positive, default=256, help="Patch side in pixels (default: %(default)s).")
+        g.add_argument("--patch-size", type=_positive, default=None,
+                       help=f"Patch side in pixels (default: {DEFAULT_PATCH_SIZE}; score: the patch size the "
+                            "classifier was trained on, from its config).")
         g.add_argument("--stride", type=_positive, default=None,
                        help="Step between patches; defaults to --patch-size (no overlap).")
         g.add_argument("--min-patch-skin", type=_fraction, default=0.5,

@@ -81,6 +81,9 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
         classifier = Classifier.load(args.classifier_checkpoint)
     except CheckpointError as exc:
         raise JobConfigError(str(exc)) from exc
+    if args.patch_size is None and classifier.cfg.patch_size:
+        # Cut patches the way the classifier saw them in training.
+        args.patch_size = classifier.cfg.patch_size
     prepared = prepare(args, options)
     started = time.monotonic()
     p = pipeline or beam.Pipeline(options=options)
