@@ -25,6 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from models.checkpoint import CheckpointError
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, join, read_parquet_dir
 from models.segmenter import Segmenter
+from pipelines.options import DEFAULT_PATCH_SIZE
 from pipelines.report import write_report
 from transforms.decode import DecodeImages
 from transforms.read import InputError, ReadImages, check_patterns, load_ffhq_metadata, load_labels
@@ -114,6 +115,8 @@ def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None)
     ``options`` tell where the workers run: ``--device cuda`` is only checked against this
     machine when they run here (a Dataflow launcher has no GPU; its GPU workers do).
     """
+    if args.patch_size is None:
+        args.patch_size = DEFAULT_PATCH_SIZE
     if args.stride is None:
         args.stride = args.patch_size
     if args.device == "cuda" and workers_run_here(options) and not torch.cuda.is_available():
