@@ -51,17 +51,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="smp encoder name; trained from scratch, nothing is downloaded")
     p.add_argument("--decoder-channels", type=int, nargs="+", default=[64, 48, 32, 16, 16],
                    help="Unet/UnetPlusPlus decoder widths (five values); ignored by other architectures")
-    p.add_argument("--input-size", type=int, default=256,
+    p.add_argument("--input-size", type=int, default=192,
                    help="square network input in pixels (multiple of 32); images are resized to it")
     p.add_argument("--loss", choices=("bce_dice", "bce", "dice"), default="bce_dice",
                    help="training loss: binary cross-entropy, soft Dice, or their sum")
-    p.add_argument("--epochs", type=int, default=80, help="maximum number of epochs")
+    p.add_argument("--epochs", type=int, default=70, help="maximum number of epochs")
     p.add_argument("--steps-per-epoch", type=int, default=0,
                    help="optimiser steps per epoch (0: one pass over the training images)")
     p.add_argument("--batch-size", type=int, default=8, help="augmented crops per optimiser step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (cosine decay, 1-epoch warm-up)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--patience", type=int, default=15,
+    p.add_argument("--patience", type=int, default=20,
                    help="stop after this many epochs without a better validation IoU (0: never stop early)")
     p.add_argument("--time-limit-min", type=float, default=40.0,
                    help="stop before starting an epoch that would end after this many minutes of training")
