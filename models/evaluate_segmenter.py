@@ -58,7 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-images", type=int, default=10,
                    help="images per folder timed one by one at 1024x1024 (after 2 warm-up calls)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass while scoring")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 is fastest when other jobs share the cores (two threads on a "
+                        "busy 2-core machine measured 5-10x slower), raise it on a dedicated machine")
     p.add_argument("--device", default="cpu", help="torch device for the model")
     return p.parse_args(argv)
 

@@ -71,7 +71,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="sample images of folder NAME W times as often (repeatable), e.g. pratheepan=2")
     p.add_argument("--cache-size", type=int, default=512,
                    help="decoded training images are kept in memory with their longer side at most this")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 is fastest when other jobs share the cores (two threads on a "
+                        "busy 2-core machine measured 5-10x slower), raise it on a dedicated machine")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, sampling, augmentation and weights")
     p.add_argument("--fake-backgrounds", type=float, default=0.25,
                    help="probability that a FASSEG view's background becomes a smooth skin-toned backdrop "
