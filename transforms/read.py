@@ -515,8 +515,9 @@ class ReadImages(beam.PTransform):
             | "KeyByRowGroup" >> beam.Map(lambda ref: (_read_unit(ref), ref))
             | "GroupByRowGroup" >> beam.GroupByKey()
         )
-        files = by_kind[0] | "ReadFiles" >> beam.ParDo(self._read).with_outputs("outcome", main="records")
-        rows = row_groups | "ReadRowGroups" >> beam.ParDo(self._read).with_outputs("outcome", main="records")
-        records = (files.records, rows.records) | "Records" >> beam.Flatten()
-        failed = (planned.outcome, unique.outcome, files.outcome, rows.outcome) | "ReadFailures" >> beam.Flatten()
-        return records, failed
+        # Flatten the small refs, not the records: a runner may materialise a Flatten's inputs
+        # (the DirectRunner always does), and records carry every image's bytes.
+        units = (by_kind[0], row_groups) | "ReadUnits" >> beam.Flatten()
+        read = units | "ReadFiles" >> beam.ParDo(self._read).with_outputs("outcome", main="records")
+        failed = (planned.outcome, unique.outcome, read.outcome) | "ReadFailures" >> beam.Flatten()
+        return read.records, failed
