@@ -36,8 +36,9 @@ class AcneClassifierHandler(ModelHandler[ImageRecord, ScoredFace, Classifier]):
     """Loads the classifier once per worker process; scores batches of faces."""
 
     def __init__(self, checkpoint: str, device: str = "cpu", max_patches: int = 64, torch_threads: int = 0):
-        # With element_size_fn, BatchElements sizes a batch by its total patch count.
-        super().__init__(min_batch_size=1, max_batch_size=max_patches, element_size_fn=_patch_count)
+        # With element_size_fn, BatchElements sizes a batch by its total patch count; min = max
+        # fills each batch as far as faces fit instead of ramping up from a single face.
+        super().__init__(min_batch_size=max_patches, max_batch_size=max_patches, element_size_fn=_patch_count)
         self._checkpoint = checkpoint
         self._device = device
         self._max_patches = max_patches

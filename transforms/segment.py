@@ -18,7 +18,9 @@ class SkinSegmenterHandler(ModelHandler[ImageRecord, ImageRecord, Segmenter]):
     """Loads the segmenter once per worker process and masks batches of decoded images."""
 
     def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int = 8, torch_threads: int = 0):
-        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        # A fixed size: Beam's adaptive batching would start at 1 and ramp up, and small batches
+        # cost more per image than the --batch-size the user asked for (bench/RESULTS.md).
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._checkpoint = checkpoint
         self._device = device
         self._torch_threads = torch_threads
