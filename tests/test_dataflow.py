@@ -8,7 +8,6 @@ imported by a process that cannot see the checkout, as a Dataflow worker would.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import tarfile
@@ -22,6 +21,7 @@ from apache_beam.portability.api import beam_runner_api_pb2
 
 from models.segmenter import Segmenter
 from pipelines import build_dataset, score
+from pipelines.options import job_parser
 from tests.scale_fixtures import (  # noqa: F401  (pytest fixtures)
     JOB_FLAGS,
     ROOT,
@@ -218,18 +218,12 @@ def test_default_checkpoints_ship_inside_the_package(worker_site: tuple[Path, Pa
         assert out.stdout.split()[-1] == Segmenter.load(str(ROOT / "models" / "defaults" / "segmenter")).sha256
 
 
-def _job_parser(job: Any) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
-    for group in job.OPTION_GROUPS:
-        group._add_argparse_args(parser)
-    return parser
-
-
 @pytest.mark.parametrize("job", ["build_dataset", "score"])
 def test_flex_template_parameters_are_the_cli_flags(job: str) -> None:
     spec = json.loads((ROOT / "templates" / f"{job}.metadata.json").read_text())
     module = build_dataset if job == "build_dataset" else score
-    actions = {a.option_strings[0][2:]: a for a in _job_parser(module)._actions if a.option_strings}
+    parser = job_parser(module.OPTION_GROUPS, module.PROG, module.DESCRIPTION)
+    actions = {a.option_strings[0][2:]: a for a in parser._actions if a.option_strings}
     names = [p["name"] for p in spec["parameters"]]
     assert len(names) == len(set(names))
     for param in spec["parameters"]:

@@ -58,18 +58,18 @@ def with_retries(
 
     The last error propagates, so the caller can dead-letter the image it was reading.
     """
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, attempts):
         try:
             return fn()
         except Exception as exc:
-            if attempt == attempts or not is_transient(exc):
+            if not is_transient(exc):
                 raise
             log.warning("transient error reading %s (attempt %d of %d), retrying: %s: %s",
                         what, attempt, attempts, type(exc).__name__, exc)
             if on_retry is not None:
                 on_retry()
             time.sleep(base_delay * 2 ** (attempt - 1))
-    raise AssertionError("unreachable: the loop returns or raises")
+    return fn()
 
 
 class InputError(ValueError):
