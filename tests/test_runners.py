@@ -188,10 +188,12 @@ def test_planning_a_shard_and_segmenting_its_images_are_split_by_a_shuffle(
 def test_one_big_shard_is_segmented_in_every_worker(checkpoints: tuple[str, str], tmp_path: Path) -> None:
     """One tar shard of 12 images on two worker processes: both segment a share of its images.
 
-    The steps are ReadImages' own (plan, shuffle by image id, read bytes) followed by the real
-    decode and segment stages and a probe recording each element's process id. ReadImages'
-    final Flatten is left out: the local runner hands a flattened buffer to workers in whole
-    chunks, which says nothing about how a distributed runner spreads the shuffled ids.
+    The steps are ReadImages' own DoFns (plan, shuffle by image id, read bytes) followed by the
+    real decode and segment stages and a probe recording each element's process id. The Flatten
+    ReadImages puts between the shuffle and the reads (loose files + Parquet row groups) is left
+    out: the local runner hands a flattened buffer to its workers in whole chunks, so how it
+    splits one depends on thread timing, and says nothing about how a distributed runner spreads
+    the shuffled ids. The graph test above checks the real ReadImages for the shuffle.
     """
     shard = tmp_path / "big-000000.tar"
     shard.write_bytes(tar_bytes({f"x/{i:05d}.png": b for i, b in enumerate(image_files(12, broken=0).values())}))
