@@ -58,6 +58,7 @@ def gcs(gcs_server: Any, checkpoints: tuple[str, str]) -> dict[str, str]:
     """Inputs and checkpoints in the GCS emulator, as a Dataflow job would find them."""
     data = gcs_server.make_bucket("dry-run-data")
     put_files(f"{data}/images", image_files(2, broken=0))
+    put_files(data, {"labels.csv": b"image_id,label\n00000,0\n00001,1\n"})
     copy_checkpoint(checkpoints[0], f"{data}/models/segmenter")
     copy_checkpoint(checkpoints[1], f"{data}/models/classifier")
     return {"root": data, "segmenter": f"{data}/models/segmenter", "classifier": f"{data}/models/classifier"}
@@ -121,7 +122,8 @@ def cpu_build_job(gcs: dict[str, str]) -> Iterator[Any]:
     """build_dataset, dry-run for CPU workers with --setup_file (shared: staging builds an sdist)."""
     with pytest.MonkeyPatch.context() as mp:
         argv = ["--input", f"{gcs['root']}/images", "--output", f"{gcs['root']}/out/cpu",
-                "--segmenter-checkpoint", gcs["segmenter"], *JOB_FLAGS, *DATAFLOW, *CPU_WORKERS]
+                "--segmenter-checkpoint", gcs["segmenter"], "--labels-csv", f"{gcs['root']}/labels.csv",
+                "--labels", "team=acne", *JOB_FLAGS, *DATAFLOW, *CPU_WORKERS]
         yield dry_run(build_dataset, argv, mp)
 
 
@@ -135,6 +137,8 @@ def test_build_dataset_graph_for_cpu_workers(cpu_build_job: Any) -> None:
     [(image, artifacts)] = docker_environments(cpu_build_job)
     assert image.endswith("/beam_python3.11_sdk:2.77.0"), image
     assert "workflow.tar.gz" in staged_files(artifacts), "the --setup_file package is not staged"
+    # Beam's --labels labels the Dataflow job; the job's own label file is --labels-csv.
+    assert dict(cpu_build_job.proto.labels) == {"team": "acne"}
 
 
 @pytest.mark.parametrize("job", ["build_dataset", "score"])
