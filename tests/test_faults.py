@@ -6,7 +6,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
 
 import apache_beam as beam
 import fsspec
