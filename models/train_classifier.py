@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import fsspec
 import numpy as np
@@ -358,7 +358,8 @@ class Trainer:
         self.network.train()
         return result
 
-    def run(self) -> dict[str, Any]:
+    def run(self, on_improved: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+        """Train, evaluate every epoch, keep the best; ``on_improved`` gets the outcome so far."""
         args = self.args
         gen = torch.Generator().manual_seed(args.seed)
         rng = np.random.default_rng(args.seed)
@@ -381,9 +382,11 @@ class Trainer:
             }
             history.append(row)
             log.info("epoch %s", json.dumps(row))
+            improved = False
             for name, cand in ev["aggregations"].items():
                 score = cand["report"][args.select_metric]
                 if best is None or score > best["score"]:
+                    improved = True
                     best = {
                         "score": score,
                         "epoch": epoch,
@@ -393,6 +396,8 @@ class Trainer:
                         "state": copy.deepcopy(self.network.state_dict()),
                         "all": {n: c["report"] for n, c in ev["aggregations"].items()},
                     }
+            if improved and on_improved is not None and epoch < args.epochs:
+                on_improved({"history": history, "best": best})
         assert best is not None
         if best["aggregation"] == "evidence" and args.calibration_faces > 0:
             # The per-epoch fit used a subset of train faces; refit the winner on all of them.
@@ -408,31 +413,29 @@ class Trainer:
         return {"history": history, "best": best}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    np.random.seed(args.seed)
-    started = time.time()
-    trainer = Trainer(args)
-    outcome = trainer.run()
-    best = outcome["best"]
+def write_outputs(trainer: Trainer, outcome: dict[str, Any], started: float, complete: bool) -> str:
+    """Write the best checkpoint so far and the metrics JSON; return the checkpoint sha256.
+
+    Called after every improving epoch too, so a run stopped early still leaves its best model.
+    """
+    args, best = trainer.args, outcome["best"]
     training = {
         "dataset": args.dataset,
         "dataset_manifest": trainer.manifest,
         "args": vars(args),
         "best_epoch": best["epoch"],
+        "complete": complete,
         "selected_on": f"validation {args.select_metric}",
         "validation": {k: best["report"][k] for k in ("accuracy", "macro_f1", "faces")},
         "seconds": round(time.time() - started, 1),
     }
-    trainer.network.load_state_dict(best["state"])
-    clf = Classifier(trainer.network, best["config"])
-    sha = clf.save(args.output, training=training)
+    network = build_network(best["config"])
+    network.load_state_dict(best["state"])
+    sha = Classifier(network, best["config"]).save(args.output, training=training)
     metrics = {
         "checkpoint": args.output,
         "checkpoint_sha256": sha,
+        "complete": complete,
         "classes": list(best["config"].classes),
         "best_epoch": best["epoch"],
         "aggregation": best["aggregation"],
@@ -443,10 +446,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {k: v for k, v in asdict(best["config"]).items() if k != "training"},
         "seconds": training["seconds"],
     }
-    metrics_uri = args.metrics or args.output.rstrip("/") + "/metrics.json"
-    with fsspec.open(metrics_uri, "wt") as f:
+    with fsspec.open(args.metrics or args.output.rstrip("/") + "/metrics.json", "wt") as f:
         json.dump(metrics, f, indent=2, default=str)
         f.write("\n")
+    return sha
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    np.random.seed(args.seed)
+    started = time.time()
+    trainer = Trainer(args)
+    outcome = trainer.run(lambda partial: write_outputs(trainer, partial, started, complete=False))
+    best = outcome["best"]
+    sha = write_outputs(trainer, outcome, started, complete=True)
     log.info(
         "best epoch %d, aggregation %s: validation accuracy %.4f, macro-F1 %.4f; checkpoint %s (sha256 %s)",
         best["epoch"],
