@@ -28,6 +28,10 @@ S3_SECRET = "scale-tests-secret-key-never-logged"
 IMAGE_SIDE = 96
 PATCH = 32
 
+# gcsfs reads this once, when first imported, and otherwise probes for gRPC endpoints for about a
+# minute before each emulator session. Set at collection time, before any test can import it.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 # Flags every test job shares: small patches for small images, one torch thread so runs are
 # bit-identical across processes (different thread counts may reorder float reductions).
 JOB_FLAGS = ["--patch-size", str(PATCH), "--torch-threads", "1", "--batch-size", "4"]
@@ -263,8 +267,6 @@ def _add_move_endpoint(monkeypatch: pytest.MonkeyPatch, server_module: Any) -> N
 def gcs_server(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[GcsServer]:
     """The GCS emulator on 127.0.0.1; gcsfs finds it through STORAGE_EMULATOR_HOST."""
     emulator = pytest.importorskip("gcp_storage_emulator.server", reason="gcp-storage-emulator is not installed")
-    # Must be set before gcsfs is imported: otherwise it probes for gRPC endpoints for ~60 s.
-    monkeypatch_module.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     gcsfs = pytest.importorskip("gcsfs", reason="gcsfs is not installed")
     if gcsfs.GCSFileSystem.__name__ != "GCSFileSystem":
         pytest.skip("gcsfs was imported with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT on; it stalls against the emulator")
