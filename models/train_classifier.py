@@ -232,6 +232,12 @@ class Trainer:
 
     def _warm_start(self, uri: str) -> None:
         ckpt = load_checkpoint(uri, KIND)
+        for key, wanted in (("arch", self.cfg.arch), ("input_size", self.cfg.input_size)):
+            if ckpt.config.get(key) != wanted:
+                raise ValueError(
+                    f"--init {uri} has {key} {ckpt.config.get(key)!r} but this run uses {wanted!r}; "
+                    f"pass --{key.replace('_', '-')} {ckpt.config.get(key)}"
+                )
         own = self.network.state_dict()
         fitting = {k: v for k, v in ckpt.state_dict.items() if k in own and own[k].shape == v.shape}
         head = next(name for name, mod in self.network.named_modules() if mod is self.network.get_classifier())

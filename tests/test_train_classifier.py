@@ -77,6 +77,8 @@ def test_lesion_counts_are_learned_and_grade_faces_by_evidence(tmp_path: Path) -
         data, tmp_path / "refit", "--init", str(tmp_path / "ckpt"), "--epochs", "0",
         "--label-map", "0->clear;1->acne", "--classes", "clear,acne",
     )
+    with pytest.raises(ValueError, match="pass --input-size 24"):
+        main([str(data), "--output", str(tmp_path / "x"), *FAST, "--input-size", "32", "--init", str(tmp_path / "ckpt")])
     evidence = refit["validation_by_aggregation"]["evidence"]
     assert evidence["accuracy"] == metrics["validation"]["accuracy"]
     assert refit["classes"] == ["clear", "acne"]
