@@ -69,7 +69,7 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     build(p, args, prepared)
     checkpoints = {"segmenter": {"uri": args.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}
     tables = [f"{PATCHES_DIR}/{s}" for s in SPLITS]
-    return complete(p.run(), args, "build_dataset", tables, checkpoints, started)
+    return complete(p.run(), args, argv, "build_dataset", tables, checkpoints, started)
 
 
 if __name__ == "__main__":

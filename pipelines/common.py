@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from models.checkpoint import CheckpointError
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, join, read_parquet_dir
+from models.classifier import Classifier
 from models.segmenter import Segmenter
 from pipelines.options import DEFAULT_PATCH_SIZE
 from pipelines.report import write_report
@@ -61,6 +62,7 @@ class Prepared:
     labels: Optional[dict[str, str]]
     ffhq_meta: Optional[dict[str, Any]]
     segmenter_sha256: str
+    classifier_sha256: Optional[str] = None
 
 
 def workers_run_here(options: Optional[PipelineOptions]) -> bool:
@@ -115,18 +117,21 @@ def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None)
     ``options`` tell where the workers run: ``--device cuda`` is only checked against this
     machine when they run here (a Dataflow launcher has no GPU; its GPU workers do).
     """
-    if args.patch_size is None:
-        args.patch_size = DEFAULT_PATCH_SIZE
-    if args.stride is None:
-        args.stride = args.patch_size
     if args.device == "cuda" and workers_run_here(options) and not torch.cuda.is_available():
         raise JobConfigError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    classifier_uri = getattr(args, "classifier_checkpoint", None)
     check_endpoints([
-        *args.input, args.output, args.segmenter_checkpoint, getattr(args, "classifier_checkpoint", None),
-        *(args.labels_csv or ()), args.ffhq_metadata,
+        *args.input, args.output, args.segmenter_checkpoint, classifier_uri, *(args.labels_csv or ()),
+        args.ffhq_metadata,
     ])
     try:
         segmenter = Segmenter.load(args.segmenter_checkpoint)
+        classifier = Classifier.load(classifier_uri) if classifier_uri else None
+        if args.patch_size is None:
+            # score cuts patches the way its classifier saw them in training.
+            args.patch_size = (classifier and classifier.cfg.patch_size) or DEFAULT_PATCH_SIZE
+        if args.stride is None:
+            args.stride = args.patch_size
         files = check_patterns(args.input)
         labels = load_labels(args.labels_csv, args.id_column, args.label_column) if args.labels_csv else None
         ffhq = load_ffhq_metadata(args.ffhq_metadata) if args.ffhq_metadata else None
@@ -136,7 +141,7 @@ def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None)
     except CONFIG_ERRORS as exc:
         raise JobConfigError(str(exc)) from exc
     log.info("found %d input file(s); segmenter %s (sha256 %s)", files, args.segmenter_checkpoint, segmenter.sha256[:12])
-    return Prepared(files, labels, ffhq, segmenter.sha256)
+    return Prepared(files, labels, ffhq, segmenter.sha256, classifier.sha256 if classifier else None)
 
 
 def segmented_faces(
@@ -151,7 +156,13 @@ def segmented_faces(
 
 
 def complete(
-    result: Any, args: argparse.Namespace, job: str, tables: list[str], checkpoints: dict[str, str], started: float
+    result: Any,
+    args: argparse.Namespace,
+    argv: Optional[Sequence[str]],
+    job: str,
+    tables: list[str],
+    checkpoints: dict[str, Any],
+    started: float,
 ) -> dict[str, Any]:
     """Wait for the job, check the accounting, write the manifest, print the summary."""
     result.wait_until_finish()
@@ -162,7 +173,7 @@ def complete(
     manifest = {
         "job": job,
         "arguments": {k: v for k, v in sorted(vars(args).items())},
-        "argv": redact_argv(sys.argv[1:]),
+        "argv": redact_argv(sys.argv[1:] if argv is None else list(argv)),
         "versions": package_versions(),
         "checkpoints": checkpoints,
         "accounting": books,

@@ -15,10 +15,8 @@ from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 
-from models.checkpoint import CheckpointError
-from models.classifier import Classifier
 from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR, read_manifest
-from pipelines.common import JobConfigError, Prepared, cli, complete, prepare, segmented_faces
+from pipelines.common import Prepared, cli, complete, prepare, segmented_faces
 from pipelines.options import InputOptions, OutputOptions, PatchOptions, ScoreOptions, SegmentOptions, parse
 from transforms.classify import AcneClassifierHandler, ClassifyFaces, patch_rows, score_row, scored_outcome, unscored_row
 from transforms.patches import CutPatches, FilterFaces
@@ -77,23 +75,16 @@ def segmenter_of(args: Any, prepared: Prepared) -> dict[str, str]:
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
     args, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
-    try:
-        classifier = Classifier.load(args.classifier_checkpoint)
-    except CheckpointError as exc:
-        raise JobConfigError(str(exc)) from exc
-    if args.patch_size is None and classifier.cfg.patch_size:
-        # Cut patches the way the classifier saw them in training.
-        args.patch_size = classifier.cfg.patch_size
     prepared = prepare(args, options)
     started = time.monotonic()
     p = pipeline or beam.Pipeline(options=options)
     checkpoints = {
         "segmenter": segmenter_of(args, prepared),
-        "classifier": {"uri": args.classifier_checkpoint, "sha256": classifier.sha256},
+        "classifier": {"uri": args.classifier_checkpoint, "sha256": prepared.classifier_sha256},
     }
     build(p, args, prepared, checkpoints)
     tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if args.patch_table else [])
-    return complete(p.run(), args, "score", tables, checkpoints, started)
+    return complete(p.run(), args, argv, "score", tables, checkpoints, started)
 
 
 if __name__ == "__main__":

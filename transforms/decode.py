@@ -49,6 +49,9 @@ def probe(data: bytes, max_pixels: int) -> tuple[str, str, int, int]:
                 fmt, mode, (width, height) = im.format or "?", im.mode, im.size
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"declared size is over the limit of {max_pixels:,} pixels (--max-pixels): {exc}") from None
+    except Image.UnidentifiedImageError:
+        # PIL's own message names a BytesIO object at a memory address: different on every run.
+        raise DecodeError(f"not a recognised image format ({len(data)} bytes, starting {data[:8]!r})") from None
     except Exception as exc:
         raise DecodeError(f"not a recognised image ({len(data)} bytes): {exc}") from None
     if width * height > max_pixels:
