@@ -1,0 +1,1 @@
+"""Throughput benchmark of the two Beam jobs against plain Python loops doing the same work."""

@@ -1,0 +1,211 @@
+"""The benchmark's JSON as a Markdown report (bench/RESULTS.md)."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+STAGE_NOTES = {
+    "read": "file bytes",
+    "decode": "header probe + one cv2 decode",
+    "resize": "INTER_AREA to the model's input (+ classifier's patch resize)",
+    "inference": "network forward passes",
+    "upsample": "probabilities back to full resolution, threshold",
+    "patch": "integral-image tiling",
+    "encode": "patch PNG + mask PNG (build); probabilities, aggregation, rows (score)",
+    "write": "Arrow tables, Parquet",
+}
+
+GPU_NOTES = """\
+## On a GPU (not measured: no GPU on this machine)
+
+On a GPU the forward passes shrink by one to two orders of magnitude, and what is left on
+the Python critical path is everything else in the per-stage table. To keep the device busy:
+
+- **Decode off the critical path**: PNG decode is the largest non-inference stage. Run it in
+  more worker threads/processes than there are GPUs (Beam: more `--direct_num_workers` or
+  Dataflow workers per GPU; in a hand loop, a thread pool: cv2 releases the GIL), or decode on
+  the GPU (nvJPEG via `torchvision.io.decode_jpeg(device="cuda")` for JPEG inputs).
+- **Larger batches**: `--batch-size` 32-64 for the segmenter and `--classifier-batch-size` 256+
+  amortise launch overhead; memory is no constraint at these input sizes.
+- **Pinned memory and async copies**: stack batches into pinned host tensors and copy with
+  `non_blocking=True`, so the host prepares batch k+1 while the GPU runs batch k.
+- **Upsample and threshold on the device**: resizing the probabilities to full resolution
+  with `torch.nn.functional.interpolate` before the copy back saves host time; patch encoding
+  (PNG) stays on the CPU and then dominates build_dataset, so `--png-compression 0` or more
+  CPU workers per GPU are the levers there.
+"""
+
+HOW_TO_RUN = """\
+## How to run
+
+    PYTHONPATH=. .venv/bin/python -m bench.throughput                     # default N, writes bench/RESULTS.md
+    PYTHONPATH=. .venv/bin/python -m bench.throughput --images 48 --repeats 3 --json out.json
+    PYTHONPATH=. .venv/bin/python -m bench.throughput --images 2 --quick --markdown -   # smoke test
+
+Flags: `--segmenter-checkpoint` / `--classifier-checkpoint` (default: the shipped ones),
+`--workdir DIR --keep` to keep the inputs and each run's log. The reference loops and the
+lever micro-benchmarks also run alone: `python -m bench.reference build|score --input DIR
+--output OUT [job flags]`, `python -m bench.levers --input DIR`.
+"""
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _ms_table(title: str, values: dict[str, float], unit: str, base: str | dict[str, str] | None = None) -> str:
+    """Variants and their cost against the default: one name, or {model family: its default's name}."""
+    rows = []
+    for name, ms in values.items():
+        default = base.get(name.split(", ")[0]) if isinstance(base, dict) else base
+        reference = values.get(default) if default else None
+        rows.append([name, _f(ms, 2), _f(ms / reference, 2) + "x" if reference else "-"])
+    return f"**{title}**\n\n" + table(["variant", f"ms per {unit}", "vs default"], rows)
+
+
+def _families(fmt: str, segmenter: Any, classifier: Any) -> dict[str, str]:
+    return {"segmenter": f"segmenter, {fmt.format(segmenter)}", "classifier": f"classifier, {fmt.format(classifier)}"}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, s = result["machine"], result["settings"]
+    parts = [
+        "# Throughput benchmark results\n",
+        f"Generated {result['created_utc']} by `{result['command']}` in {result['total_wall_s'] / 60:.1f} min.\n",
+        "## Machine\n",
+        table(["", ""], [
+            ["CPU", m["cpu_model"]],
+            ["cores (usable)", f"{m['cpu_count']} ({m['usable_cores']})"],
+            ["memory", f"{m['memory_gb']} GB"],
+            ["torch threads (default, per process)", str(m["torch_threads"])],
+            ["python / torch / beam", f"{m['python']} / {m['versions']['torch']} / {m['versions']['apache-beam']}"],
+            ["load average at start / end", " / ".join(str(v) for v in result["load_average_start_end"])],
+        ]),
+    ]
+    loads = [v for r in result["runs"] for v in r["load_average"]]
+    if max(loads, default=0) > m["usable_cores"]:
+        parts.append(
+            f"**The machine was shared**: 1-minute load average up to {max(loads):.1f} on {m['usable_cores']} "
+            "cores during the runs (other processes were busy). Wall times are noisy and inflated; compare ratios "
+            "measured in this run, and the CPU-seconds columns, which contention distorts less.\n"
+        )
+    ck = result["checkpoints"]
+    parts.append(
+        "Checkpoints: " + "; ".join(f"{k} `{v['path']}` ({v['origin']})" for k, v in ck.items()) + ". "
+        f"N = {s['images']} images of 1024x1024 PNG, repeats {s['repeats']}; job settings at their defaults "
+        f"({s['job_defaults']}).\n"
+    )
+    parts += ["## Targets\n", table(["target", "measured", "met"], [
+        [t["target"], _f(t["value"], 3), "yes" if t["met"] else "**no**"] for t in result["targets"]
+    ])]
+    parts += ["## Runs\n",
+              "Wall time is from interpreter start to exit, nothing subtracted; `run s` is the job's own "
+              "manifest `run.seconds` (the reference loop: from model load to last file closed). Ratio = "
+              "reference wall / pipeline wall at the same N, against the reference loop with the same torch "
+              "thread setting. CPU s/img: user + system time of the whole process tree. Peak RSS: the largest single process of the run's "
+              "process tree (wait4), and the tree's sampled total.\n",
+              table(
+                  ["job", "config", "N", "wall s", "run s", "img/s", "ratio (wall)", "ratio (run s)",
+                   "CPU s/img", "peak RSS MB", "tree RSS MB", "patches", "KB/img", "KB/patch", "load"],
+                  [_run_row(r, result["jobs"]) for r in result["runs"]],
+              )]
+    parts += ["## Per-stage time per image (reference loops)\n",
+              "Measured with `time.perf_counter` around each stage of the reference loop: the honest split, "
+              "since the pipeline fuses stages. Share = fraction of the timed stages.\n",
+              _stage_table(result["jobs"])]
+    scaling = [(job, j["scaling"]) for job, j in result["jobs"].items() if "scaling" in j]
+    if scaling:
+        parts += ["## Scaling (N vs 2N)\n",
+                  "Marginal img/s = N / (wall at 2N - wall at N): the rate on the extra images, with start-up "
+                  "and the other fixed costs cancelled out; what a long job converges to. Being a difference of "
+                  "two wall times it is noisy on a busy machine; the marginal CPU seconds per image (whole "
+                  "process tree) are the steadier measure.\n",
+                  table(
+            ["job", "config", "wall 2N / N", "run s 2N / N", "peak RSS MB at N", "at 2N", "marginal img/s",
+             "marginal CPU s/img", "reference", "reference wall 2N / N", "reference marginal img/s",
+             "reference marginal CPU s/img", "marginal ratio (wall)", "marginal ratio (CPU)"],
+            [[job, sc["config"], _f(sc["wall_2n_over_n"]), _f(sc["run_seconds_2n_over_n"]),
+              _f(sc["peak_rss_mb_n"], 0), _f(sc["peak_rss_mb_2n"], 0), sc.get("marginal_images_per_s"),
+              _f(sc.get("marginal_cpu_s_per_image"), 3), sc.get("reference", "-"), sc.get("reference_wall_2n_over_n"),
+              sc.get("reference_marginal_images_per_s"), _f(sc.get("reference_marginal_cpu_s_per_image"), 3),
+              sc.get("marginal_ratio"), sc.get("marginal_cpu_ratio")] for job, sc in scaling],
+        )]
+    if result["levers"]:
+        parts.append(_levers(result["levers"], result["runs"]))
+    parts += [GPU_NOTES, HOW_TO_RUN]
+    return "\n".join(parts)
+
+
+def _run_row(r: dict[str, Any], jobs: dict[str, Any]) -> list[Any]:
+    summary = jobs[r["job"]]
+    ratio = summary["ratios"].get(r["config"]) if r["kind"] == "pipeline" and r["images"] == summary["n"] else None
+    own = "1.00" if r["kind"] == "reference" and r["images"] == summary["n"] else "-"
+    return [
+        r["job"], r["config"], r["images"], r["wall_s"], r["run_seconds"], r["images_per_s"],
+        _f(ratio["wall"]) if ratio else own, _f(ratio["run_seconds"]) if ratio else own,
+        r["cpu_s_per_image"], _f(r["peak_rss_mb"], 0), _f(r["peak_rss_tree_mb"], 0), r["patches"],
+        _f(r["bytes_per_image"] / 1024, 0), _f(r["bytes_per_patch"] / 1024, 1) if r["bytes_per_patch"] else "-",
+        "/".join(str(v) for v in r["load_average"]),
+    ]
+
+
+def _stage_table(jobs: dict[str, Any]) -> str:
+    columns = [(job, ref) for job, j in jobs.items() for ref in j["stages"]]
+    label = {c: f"{c[0]}, {c[1].replace('reference loop', 'ref').replace('torch ', '')}" for c in columns}
+    stages = {c: jobs[c[0]]["stages"][c[1]] for c in columns}
+    totals = {c: sum(stages[c]["ms_per_image"].values()) for c in columns}
+    header = ["stage", *[f"{label[c]} ms/img" for c in columns], *[f"{label[c]} share" for c in columns], "what"]
+    rows = []
+    for stage, note in STAGE_NOTES.items():
+        ms = [stages[c]["ms_per_image"][stage] for c in columns]
+        share = [f"{100 * v / totals[c]:.1f}%" if totals[c] else "-" for v, c in zip(ms, columns)]
+        rows.append([stage, *ms, *share, note])
+    rows.append(["**non-inference**", *[totals[c] - stages[c]["ms_per_image"]["inference"] for c in columns],
+                 *[f"**{100 * stages[c]['non_inference_share']:.1f}%**" for c in columns], "target <= 25%"])
+    rows.append(["total timed", *[totals[c] for c in columns], *["100%" for _ in columns],
+                 "patches/img: " + ", ".join(f"{j} {jobs[j]['patches_per_image']:.1f}" for j in jobs)])
+    return table(header, rows)
+
+
+def _levers(levers: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    parts = [
+        "## Levers\n",
+        f"Each lever alone, on {levers['images']} of the benchmark images ({levers['patches']} patches), "
+        f"variants interleaved, median of {levers['repeats']}, in one process at "
+        f"{levers['inference']['measured_at_torch_threads']} torch thread(s) except the thread lever itself. "
+        "The pipeline-level thread lever is in the Runs table (each config with and without `--torch-threads 1`).\n",
+        _ms_table("One decode per image", levers["decode_ms_per_image"], "image",
+                  "decode_image (probe + one cv2 decode)"),
+    ]
+    rz = levers["resize"]
+    parts.append(_ms_table("Resize before inference (1024 -> model input)", rz["ms_per_image"], "image",
+                           "INTER_AREA (default)"))
+    parts.append(f"Masks from INTER_AREA and INTER_LINEAR inputs agree on {100 * rz['mask_agreement_area_vs_linear']:.2f}% "
+                 "of pixels. Inference cost against input size (batch 1), i.e. what resizing down saves:\n")
+    first = next(iter(rz["inference_ms_per_image"]))
+    parts.append(_ms_table("Segmenter input size", rz["inference_ms_per_image"], "image", first))
+    enc = levers["encode"]
+    base = enc.get("png level 1 (default)", {}).get("ms_per_patch")
+    parts.append("**Patch encoders** (`--patch-format`, `--png-compression`)\n\n" + table(
+        ["encoder", "ms per patch", "vs default", "KB per patch"],
+        [[k, v["ms_per_patch"], f"{v['ms_per_patch'] / base:.2f}x" if base else "-", v["bytes_per_patch"] / 1024]
+         for k, v in enc.items()],
+    ))
+    inf = levers["inference"]
+    threads = inf["default_torch_threads"]
+    parts.append(_ms_table("torch threads (in one process)", inf["torch_threads_ms_per_item"], "image or patch",
+                           _families("{} thread(s)", threads, threads)))
+    parts.append(_ms_table("channels_last", inf["channels_last_ms_per_item"], "image or patch",
+                           _families("{}", "contiguous (default)", "contiguous (default)")))
+    parts.append(_ms_table("Batch size", inf["batch_size_ms_per_item"], "image or patch",
+                           _families("batch {}", 8, 64)))
+    return "\n".join(parts)

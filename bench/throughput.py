@@ -1,0 +1,521 @@
+"""Throughput benchmark: both Beam jobs against plain Python loops doing the same work.
+
+    python -m bench.throughput [--images N] [--json OUT] [--markdown bench/RESULTS.md] [--quick]
+
+In one run, on the same images, checkpoints and settings, it times the reference loop of
+each job (``bench.reference``: the floor), the job on DirectRunner in-process and with two
+worker processes, the job at 2N images, and each performance lever on its own
+(``bench.levers``). Every measurement is its own subprocess, timed from interpreter start,
+with its peak RSS from ``wait4`` (the largest process of its tree) and per process from
+``/proc``. Nothing is subtracted: the jobs' own ``run.seconds`` is recorded beside the wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from bench.inputs import REPO, make_inputs
+from models import defaults
+
+log = logging.getLogger("bench")
+
+DEFAULT_IMAGES = 48
+JOBS = {"build_dataset": "build", "score": "score"}
+MULTI = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+ONE_THREAD = ["--torch-threads", "1"]
+# Every configuration produces the same output; only how the work is run differs.
+REFERENCES: dict[str, list[str]] = {
+    "reference loop": [],
+    "reference loop, torch 1 thread": ONE_THREAD,
+}
+CONFIGS: dict[str, list[str]] = {
+    "in-process": [],
+    "in-process, torch 1 thread": ONE_THREAD,
+    "2 workers": MULTI,
+    "2 workers, torch 1 thread": [*MULTI, *ONE_THREAD],
+}
+QUICK_REFERENCES = ("reference loop",)
+QUICK_CONFIGS = ("in-process",)
+STAGES = ("read", "decode", "resize", "inference", "upsample", "patch", "encode", "write")
+RSS_LIMIT_MB = 3 * 1024
+TARGET_RATIO = 0.90
+TARGET_NON_INFERENCE = 0.25
+TARGET_SCALING = 2.1
+
+
+class TreeSampler(threading.Thread):
+    """Samples the RSS of a process and all its descendants from /proc until stopped."""
+
+    def __init__(self, root: int, every_s: float = 0.5):
+        super().__init__(daemon=True)
+        self._root, self._every_s = root, every_s
+        self._stop_event = threading.Event()
+        self.hwm_kb: dict[int, int] = {}
+        self.peak_total_kb = 0
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._every_s):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def sample(self) -> None:
+        children: dict[int, list[int]] = defaultdict(list)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children[ppid].append(int(entry))
+        total, todo = 0, [self._root]
+        while todo:
+            pid = todo.pop()
+            todo.extend(children.get(pid, ()))
+            status = _status_kb(pid)
+            if status:
+                total += status.get("VmRSS", 0)
+                self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), status.get("VmHWM", 0))
+        self.peak_total_kb = max(self.peak_total_kb, total)
+
+
+def _status_kb(pid: int) -> dict[str, int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    found = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0])
+    return found
+
+
+def measure(cmd: Sequence[str], log_path: Path) -> dict[str, Any]:
+    """Run ``cmd`` to completion; wall time, CPU time and peak RSS of its whole process tree."""
+    env = dict(os.environ)
+    # Beam's worker pool starts `python` from PATH: it must be this interpreter's venv.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    load_before = os.getloadavg()[0]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        # wait4's rusage covers the child and every descendant it reaped: the tree's CPU and largest RSS.
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        sampler.stop()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}; log {log_path}:\n{tail}")
+    per_process = sorted((kb / 1024 for kb in sampler.hwm_kb.values()), reverse=True)
+    return {
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_rss_per_process_mb": [round(v, 1) for v in per_process[:8]],
+        "peak_rss_tree_mb": sampler.peak_total_kb / 1024,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def _slug(config: str) -> str:
+    return config.replace(",", "").replace(" ", "_")
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+class Bench:
+    """Runs the measurements of one benchmark and collects their results."""
+
+    def __init__(self, args: argparse.Namespace, work: Path):
+        self.args, self.work = args, work
+        self.python = sys.executable
+        self.runs: list[dict[str, Any]] = []
+
+    def checkpoint_flags(self, job: str) -> list[str]:
+        flags = ["--segmenter-checkpoint", self.args.segmenter_checkpoint]
+        return flags + (["--classifier-checkpoint", self.args.classifier_checkpoint] if job == "score" else [])
+
+    def _record(self, run: dict[str, Any], out: Path) -> dict[str, Any]:
+        run["output_bytes"] = tree_bytes(out)
+        run["images_per_s"] = run["images"] / run["wall_s"]
+        run["images_per_s_run"] = run["images"] / run["run_seconds"]
+        run["cpu_s_per_image"] = run["cpu_s"] / run["images"]
+        run["bytes_per_image"] = run["output_bytes"] / run["images"]
+        run["bytes_per_patch"] = run["output_bytes"] / run["patches"] if run["patches"] else None
+        shutil.rmtree(out, ignore_errors=True)
+        log.info(
+            "%-14s %-28s N=%-4d wall %6.1f s  run %6.1f s  %5.2f img/s  peak RSS %6.0f MB  load %s",
+            run["job"], run["config"], run["images"], run["wall_s"], run["run_seconds"], run["images_per_s"],
+            run["peak_rss_mb"], run["load_average"],
+        )
+        self.runs.append(run)
+        return run
+
+    def reference(self, job: str, config: str, inputs: Path, images: int) -> dict[str, Any]:
+        name = f"{job}-{_slug(config)}-{images}"
+        out, result = self.work / "out" / name, self.work / "out" / f"{name}.json"
+        cmd = [self.python, "-m", "bench.reference", JOBS[job], "--input", str(inputs), "--output", str(out),
+               "--json", str(result), *self.checkpoint_flags(job), *REFERENCES[config]]
+        run = measure(cmd, self.work / "logs" / f"{name}.log")
+        loop = json.loads(result.read_text())
+        result.unlink()
+        run.update(
+            job=job, config=config, kind="reference", flags=REFERENCES[config], images=loop["counts"]["inputs"],
+            run_seconds=loop["seconds"], patches=loop["counts"]["patches"], counts=loop["counts"],
+            stages_s=loop["stages_s"], detail_s=loop["detail_s"], torch_threads=loop["torch_threads"],
+            loop_peak_rss_mb=loop["peak_rss_mb"],
+        )
+        return self._record(run, out)
+
+    def pipeline(self, job: str, config: str, inputs: Path, images: int) -> dict[str, Any]:
+        name = f"{job}-{_slug(config)}-{images}"
+        out = self.work / "out" / name
+        cmd = [self.python, "-m", f"pipelines.{job}", "--input", str(inputs), "--output", str(out), "--overwrite",
+               *self.checkpoint_flags(job), *CONFIGS[config]]
+        run = measure(cmd, self.work / "logs" / f"{name}.log")
+        manifest = json.loads((out / "manifest.json").read_text())
+        books = manifest["accounting"]
+        run.update(
+            job=job, config=config, kind="pipeline", flags=CONFIGS[config], images=books["inputs"],
+            run_seconds=manifest["run"]["seconds"], patches=manifest["counters"].get("patches", 0),
+            counts={"inputs": books["inputs"], "kept": books["kept"], "filtered": books["filtered"],
+                    "failed": books["failed"], "patches": manifest["counters"].get("patches", 0)},
+        )
+        return self._record(run, out)
+
+    def levers(self, inputs: Path) -> dict[str, Any]:
+        result = self.work / "levers.json"
+        # One thread: on a shared machine a second one mostly measures contention (the thread lever shows it).
+        cmd = [self.python, "-m", "bench.levers", "--input", str(inputs), "--json", str(result), "--torch-threads", "1",
+               "--segmenter-checkpoint", self.args.segmenter_checkpoint,
+               "--classifier-checkpoint", self.args.classifier_checkpoint]
+        run = measure(cmd, self.work / "logs" / "levers.log")
+        levers = json.loads(result.read_text())
+        levers["wall_s"] = run["wall_s"]
+        log.info("levers measured in %.0f s", run["wall_s"])
+        return levers
+
+
+def _threads(run: dict[str, Any]) -> Optional[str]:
+    flags = run["flags"]
+    return flags[flags.index("--torch-threads") + 1] if "--torch-threads" in flags else None
+
+
+def summarise(job: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """References vs pipelines of one job: ratios, per-stage split, best config, scaling.
+
+    Each pipeline is compared with the reference loop at the same torch thread setting
+    (like for like), and the best pipeline with the best reference (the target's ratio).
+    """
+    at_n = [r for r in runs if r["job"] == job and r["images"] == n]
+    refs = {r["config"]: r for r in at_n if r["kind"] == "reference"}
+    pipes = [r for r in at_n if r["kind"] == "pipeline"]
+    ratios = {}
+    for r in pipes:
+        ref = next(x for x in refs.values() if _threads(x) == _threads(r))
+        ratios[r["config"]] = {
+            "reference": ref["config"],
+            "wall": ref["wall_s"] / r["wall_s"],
+            "run_seconds": ref["run_seconds"] / r["run_seconds"],
+            "cpu": ref["cpu_s"] / r["cpu_s"],
+        }
+    best = max(pipes, key=lambda r: r["images_per_s"])
+    best_ref = max(refs.values(), key=lambda r: r["images_per_s"])
+    stages = {}
+    for name, ref in refs.items():
+        timed = sum(ref["stages_s"].values())
+        stages[name] = {
+            "ms_per_image": {st: 1e3 * ref["stages_s"][st] / ref["images"] for st in STAGES},
+            "detail_ms_per_image": {k: 1e3 * v / ref["images"] for k, v in ref["detail_s"].items()},
+            "non_inference_share": (timed - ref["stages_s"]["inference"]) / timed if timed else None,
+        }
+    summary: dict[str, Any] = {
+        "n": n,
+        "ratios": ratios,
+        "best_config": best["config"],
+        "best_reference": best_ref["config"],
+        "best_ratio": best["images_per_s"] / best_ref["images_per_s"],
+        "stages": stages,
+        # The target is judged on the loop the best pipeline runs like.
+        "non_inference_share": stages[ratios[best["config"]]["reference"]]["non_inference_share"],
+        "patches_per_image": best_ref["patches"] / best_ref["images"],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs if r["job"] == job),
+    }
+    double = {r["config"]: r for r in runs if r["job"] == job and r["images"] == 2 * n}
+    if best["config"] in double:
+        twice, ref_twice = double[best["config"]], double.get(best_ref["config"])
+        summary["scaling"] = {
+            "config": best["config"],
+            "wall_2n_over_n": twice["wall_s"] / best["wall_s"],
+            "run_seconds_2n_over_n": twice["run_seconds"] / best["run_seconds"],
+            "peak_rss_mb_n": best["peak_rss_mb"],
+            "peak_rss_mb_2n": twice["peak_rss_mb"],
+        }
+        if ref_twice:
+            # The extra N images alone: start-up and other fixed costs cancel out. On a busy machine
+            # a 2N run can finish sooner than its N run; such a difference is noise, not a rate.
+            extra, ref_extra = twice["wall_s"] - best["wall_s"], ref_twice["wall_s"] - best_ref["wall_s"]
+            cpu = (twice["cpu_s"] - best["cpu_s"]) / n
+            ref_cpu = (ref_twice["cpu_s"] - best_ref["cpu_s"]) / n
+            marginal = n / extra if extra > 0 else None
+            ref_marginal = n / ref_extra if ref_extra > 0 else None
+            summary["scaling"].update(
+                reference=best_ref["config"],
+                reference_wall_2n_over_n=ref_twice["wall_s"] / best_ref["wall_s"],
+                marginal_images_per_s=marginal,
+                reference_marginal_images_per_s=ref_marginal,
+                marginal_ratio=marginal / ref_marginal if marginal and ref_marginal else None,
+                # CPU time is what a busy machine distorts least.
+                marginal_cpu_s_per_image=cpu,
+                reference_marginal_cpu_s_per_image=ref_cpu,
+                marginal_cpu_ratio=ref_cpu / cpu if cpu > 0 and ref_cpu > 0 else None,
+            )
+    return summary
+
+
+def targets(jobs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target of the issue, its measured value, and whether it is met."""
+    rows = []
+    for job, s in jobs.items():
+        rows.append({"target": f"{job}: best config ({s['best_config']}) >= {TARGET_RATIO:.2f}x the best "
+                               f"reference ({s['best_reference']}) images/s",
+                     "value": s["best_ratio"], "met": s["best_ratio"] >= TARGET_RATIO})
+        rows.append({"target": f"{job}: non-inference work <= {TARGET_NON_INFERENCE:.0%} of per-image time",
+                     "value": s["non_inference_share"], "met": s["non_inference_share"] <= TARGET_NON_INFERENCE})
+        rows.append({"target": f"{job}: peak RSS <= {RSS_LIMIT_MB} MB per process",
+                     "value": s["peak_rss_mb"], "met": s["peak_rss_mb"] <= RSS_LIMIT_MB})
+        if "scaling" in s:
+            sc = s["scaling"]
+            rows.append({"target": f"{job}: 2N takes <= {TARGET_SCALING}x the time of N ({sc['config']})",
+                         "value": sc["wall_2n_over_n"], "met": sc["wall_2n_over_n"] <= TARGET_SCALING})
+            for key, how in (("marginal_ratio", "wall"), ("marginal_cpu_ratio", "CPU seconds")):
+                if sc.get(key) is not None:
+                    rows.append({"target": f"{job}: best vs best on the marginal N images (2N run minus N run), {how}",
+                                 "value": sc[key], "met": sc[key] >= TARGET_RATIO})
+            growth = sc["peak_rss_mb_2n"] / sc["peak_rss_mb_n"]
+            rows.append({"target": f"{job}: peak RSS does not grow with N (2N/N <= 1.10)",
+                         "value": growth, "met": growth <= 1.10})
+    return rows
+
+
+def machine(reference_threads: Optional[int]) -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gb = int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2
+    except (OSError, IndexError, ValueError):
+        mem_gb = None
+    versions = {}
+    for name in ("torch", "apache-beam", "opencv-python-headless", "pyarrow", "segmentation-models-pytorch", "timm"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gb": round(mem_gb, 1) if mem_gb else None,
+        "torch_threads": reference_threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
+
+
+def resolve_checkpoints(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Use the flags or the shipped checkpoints; if none are there yet, random-init ones (said loudly)."""
+    info: dict[str, Any] = {}
+    for kind in ("segmenter", "classifier"):
+        flag = f"{kind}_checkpoint"
+        path = getattr(args, flag)
+        if path is None:
+            shipped = getattr(defaults, kind.upper())
+            if (Path(shipped) / "config.json").is_file():
+                path, origin = shipped, "shipped"
+            else:
+                path, origin = str(work / "checkpoints" / kind), "random init (no shipped checkpoint yet)"
+                _random_checkpoint(kind, path)
+                log.warning("no shipped %s checkpoint: using a random-init one; figures are not final", kind)
+        else:
+            origin = "given"
+        setattr(args, flag, path)
+        config = json.loads((Path(path) / "config.json").read_text()) if Path(path).is_dir() else {}
+        info[kind] = {"path": path, "origin": origin, "arch": config.get("arch"), "encoder": config.get("encoder"),
+                      "input_size": config.get("input_size")}
+    return info
+
+
+def _random_checkpoint(kind: str, path: str) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "segmenter":
+        from models.segmenter import Segmenter, SegmenterConfig, build_network
+
+        Segmenter(build_network(SegmenterConfig()), SegmenterConfig()).save(path)
+    else:
+        from models.classifier import Classifier, ClassifierConfig
+        from models.classifier import build_network as build_classifier
+
+        cfg = ClassifierConfig(classes=("0", "1", "2", "3"))
+        Classifier(build_classifier(cfg), cfg).save(path)
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="acne-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        checkpoints = resolve_checkpoints(args, work)
+        n = args.images
+        inputs_n = work / "inputs" / f"n{n}"
+        make_inputs(inputs_n, n, args.seed)
+        bench = Bench(args, work)
+        references = [c for c in REFERENCES if not args.quick or c in QUICK_REFERENCES]
+        configs = [c for c in CONFIGS if not args.quick or c in QUICK_CONFIGS]
+        load_start = os.getloadavg()
+        for repeat in range(args.repeats):
+            for job in JOBS:
+                # References and pipelines interleaved, and the order reversed between repeats,
+                # so that drifting background load hits every configuration alike.
+                order = []
+                step = -(-len(configs) // len(references))
+                for i, reference in enumerate(references):
+                    order += [("reference", reference)] + [("pipeline", c) for c in configs[i * step : (i + 1) * step]]
+                for kind, config in order if repeat % 2 == 0 else reversed(order):
+                    if kind == "reference":
+                        bench.reference(job, config, inputs_n, n)
+                    else:
+                        bench.pipeline(job, config, inputs_n, n)
+        runs = median_runs(bench.runs)
+        jobs = {job: summarise(job, runs, n) for job in JOBS}
+        if not args.quick:
+            inputs_2n = work / "inputs" / f"n{2 * n}"
+            make_inputs(inputs_2n, 2 * n, args.seed)
+            for job in JOBS:
+                runs.append(bench.reference(job, jobs[job]["best_reference"], inputs_2n, 2 * n))
+                runs.append(bench.pipeline(job, jobs[job]["best_config"], inputs_2n, 2 * n))
+            jobs = {job: summarise(job, runs, n) for job in JOBS}
+        levers = {} if args.quick else bench.levers(inputs_n)
+        reference_threads = next((r["torch_threads"] for r in runs if r["kind"] == "reference"), None)
+        result = {
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": "python -m bench.throughput " + " ".join(args.argv),
+            "machine": machine(reference_threads),
+            "load_average_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
+            "settings": {
+                "images": n, "seed": args.seed, "repeats": args.repeats, "quick": args.quick,
+                "job_defaults": "batch-size 8, classifier-batch-size 64, patch-size 256, png-compression 1, "
+                                "patch-format png, torch-threads 0 (torch default)",
+                "references": {c: REFERENCES[c] for c in references},
+                "configs": {c: CONFIGS[c] for c in configs},
+            },
+            "checkpoints": checkpoints,
+            "runs": runs,
+            "jobs": jobs,
+            "targets": targets(jobs),
+            "levers": levers,
+            "total_wall_s": time.perf_counter() - started,
+        }
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def median_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per (job, config, images): the repeat with the median wall time."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[(r["job"], r["config"], r["images"])].append(r)
+    chosen = []
+    for group in groups.values():
+        walls = sorted(r["wall_s"] for r in group)
+        middle = statistics.median_low(walls)
+        pick = next(r for r in group if r["wall_s"] == middle)
+        chosen.append(dict(pick, repeats_wall_s=[round(w, 2) for w in walls]))
+    return chosen
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    from bench.report import markdown
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="N, images per run (default: %(default)s).")
+    parser.add_argument("--json", default=None, help="Write the full results here.")
+    parser.add_argument("--markdown", default=str(REPO / "bench" / "RESULTS.md"),
+                        help="Write the Markdown report here (default: %(default)s); '-' to skip.")
+    parser.add_argument("--quick", action="store_true",
+                        help="In-process runs only: no multi-process, no 2N scaling run, no levers (a smoke test).")
+    parser.add_argument("--repeats", type=int, default=1, help="Repeat the N runs, alternating order; median kept.")
+    parser.add_argument("--seed", type=int, default=0, help="Input jitter seed (default: %(default)s).")
+    parser.add_argument("--segmenter-checkpoint", default=None, help="Default: the shipped segmenter.")
+    parser.add_argument("--classifier-checkpoint", default=None, help="Default: the shipped classifier.")
+    parser.add_argument("--workdir", default=None, help="Where inputs and outputs go (default: a temporary folder).")
+    parser.add_argument("--keep", action="store_true", help="Keep the work folder (inputs, logs) afterwards.")
+    parser.add_argument("--rereport", default=None, metavar="JSON",
+                        help="Run nothing: recompute the summaries and the report from an earlier --json.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.images < 1 or args.repeats < 1:
+        parser.error("--images and --repeats must be positive")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.rereport:
+        result = json.loads(Path(args.rereport).read_text())
+        n = result["settings"]["images"]
+        result["jobs"] = {job: summarise(job, result["runs"], n) for job in JOBS}
+        result["targets"] = targets(result["jobs"])
+    else:
+        result = run_bench(args)
+    text = json.dumps(result, indent=2, default=str)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    if args.markdown != "-":
+        Path(args.markdown).write_text(markdown(result))
+        log.info("report written to %s", args.markdown)
+    for row in result["targets"]:
+        log.info("%s %-70s %s", "MET " if row["met"] else "MISS", row["target"], _fmt(row["value"]))
+    return result
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    main()

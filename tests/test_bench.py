@@ -1,0 +1,86 @@
+"""The benchmark harness runs end to end and reports what it promises; it asserts no timings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bench import throughput
+from bench.inputs import make_inputs
+from bench.reference import STAGES, StageClock, segment
+from models.classifier import Classifier, ClassifierConfig
+from models.classifier import build_network as build_classifier
+from models.segmenter import Segmenter, SegmenterConfig, build_network
+
+SMALL_SEGMENTER = SegmenterConfig(input_size=64, model_kwargs={"decoder_channels": [16, 16, 16, 16, 16]})
+SMALL_CLASSIFIER = ClassifierConfig(classes=("0", "1", "2", "3"), input_size=32)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    Segmenter(build_network(SMALL_SEGMENTER), SMALL_SEGMENTER).save(str(root / "segmenter"))
+    Classifier(build_classifier(SMALL_CLASSIFIER), SMALL_CLASSIFIER).save(str(root / "classifier"))
+    return str(root / "segmenter"), str(root / "classifier")
+
+
+def test_inputs_are_distinct_ffhq_sized_pngs_in_ffhq_layout(tmp_path: Path) -> None:
+    paths = make_inputs(tmp_path, 4, seed=1)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [f"00000/0000{i}.png" for i in range(4)]
+    images = [cv2.imread(str(p)) for p in paths]
+    assert all(im.shape == (1024, 1024, 3) for im in images)
+    assert len({im.tobytes() for im in images}) == 4
+
+
+def test_reference_segmentation_is_predict_masks(checkpoints: tuple[str, str]) -> None:
+    model = Segmenter.load(checkpoints[0])
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (300, 200, 3), dtype=np.uint8) for _ in range(2)]
+    clock = StageClock()
+    for ours, theirs in zip(segment(model, images, clock), model.predict_masks(images)):
+        np.testing.assert_array_equal(ours, theirs)
+    assert set(clock.by_stage()) == set(STAGES)
+
+
+def test_quick_run_reports_every_figure(tmp_path: Path, checkpoints: tuple[str, str]) -> None:
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "RESULTS.md"
+    throughput.main([
+        "--images", "2", "--quick", "--json", str(out_json), "--markdown", str(out_md),
+        "--segmenter-checkpoint", checkpoints[0], "--classifier-checkpoint", checkpoints[1],
+        "--workdir", str(tmp_path / "work"),
+    ])
+    result = json.loads(out_json.read_text())
+    assert {"machine", "settings", "checkpoints", "runs", "jobs", "targets", "levers"} <= set(result)
+    assert result["machine"]["torch_threads"] >= 1 and result["machine"]["usable_cores"] >= 1
+    assert {(r["job"], r["kind"]) for r in result["runs"]} == {
+        ("build_dataset", "reference"), ("build_dataset", "pipeline"), ("score", "reference"), ("score", "pipeline"),
+    }
+    for run in result["runs"]:
+        counts = run["counts"]
+        assert run["images"] == counts["inputs"] == 2
+        assert counts["kept"] + counts["filtered"] + counts["failed"] == 2
+        assert run["wall_s"] > 0 and run["cpu_s"] > 0 and run["images_per_s"] > 0
+        assert 0 < run["peak_rss_mb"] and run["peak_rss_per_process_mb"]
+        assert run["output_bytes"] > 0 and (run["bytes_per_patch"] is None or run["bytes_per_patch"] > 0)
+    for summary in result["jobs"].values():
+        stages = summary["stages"]["reference loop"]
+        assert set(stages["ms_per_image"]) == set(STAGES) and all(v >= 0 for v in stages["ms_per_image"].values())
+        assert 0 <= summary["non_inference_share"] <= 1
+        assert summary["ratios"]["in-process"]["reference"] == "reference loop"
+        assert summary["ratios"]["in-process"]["wall"] > 0 and summary["best_ratio"] > 0
+    # The same images, checkpoints and settings: each job and its reference loop reach the same outcomes
+    # (patch counts may differ by a tile if batching moves a near-threshold pixel, so they are left out).
+    by_key = {(r["job"], r["kind"]): r for r in result["runs"]}
+    for job in throughput.JOBS:
+        ours, theirs = (by_key[(job, kind)]["counts"] for kind in ("reference", "pipeline"))
+        assert {k: v for k, v in ours.items() if k != "patches"} == {k: v for k, v in theirs.items() if k != "patches"}
+    assert all(isinstance(t["met"], bool) for t in result["targets"])
+    report = out_md.read_text()
+    for heading in ("## Machine", "## Targets", "## Runs", "## Per-stage time per image", "## How to run"):
+        assert heading in report
+    assert not (tmp_path / "work").exists()
