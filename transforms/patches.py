@@ -58,7 +58,9 @@ def cut_patches(
 def encode_rgb(pixels: np.ndarray, fmt: str = "png", quality: int = 95, png_level: int = 1) -> bytes:
     """Encode an RGB tile; PNG and lossless WebP keep every pixel, JPEG trades them for size."""
     params = {
-        "png": [cv2.IMWRITE_PNG_COMPRESSION, png_level],
+        # The "up" filter alone encodes face photos ~35% faster than libpng's adaptive choice,
+        # at about the same size (measured in bench/); pixels are identical either way.
+        "png": [cv2.IMWRITE_PNG_COMPRESSION, png_level, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP],
         "jpeg": [cv2.IMWRITE_JPEG_QUALITY, quality],
         "webp": [cv2.IMWRITE_WEBP_QUALITY, 101],
     }[fmt]
