@@ -23,6 +23,7 @@ from xml.etree import ElementTree
 
 import apache_beam as beam
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
@@ -266,8 +267,6 @@ def _plan_zip(uri: str, f: Any) -> Iterator[ImageRef]:
 
 def image_column(schema: Any) -> str:
     """The column that holds image bytes: a binary column or an HF ``struct<bytes, path>``."""
-    import pyarrow as pa
-
     for field in schema:
         if pa.types.is_struct(field.type) and field.type.get_field_index("bytes") >= 0:
             return field.name
@@ -278,8 +277,6 @@ def image_column(schema: Any) -> str:
 
 
 def _plan_parquet(uri: str, f: Any) -> Iterator[ImageRef | Outcome]:
-    import pyarrow as pa
-
     pf = pq.ParquetFile(f)
     schema = pf.schema_arrow
     column = image_column(schema)
