@@ -23,7 +23,7 @@ import numpy as np
 
 from models.classification_metrics import classification_report, pr_curve, roc_curve
 from models.classifier import Classifier
-from models.patch_data import load_patch_set, map_labels
+from models.patch_data import load_patch_set, map_labels, parse_label_map
 
 DEFAULT_CHECKPOINT = str(Path(__file__).resolve().parent / "defaults" / "classifier")
 log = logging.getLogger("evaluate_classifier")
@@ -40,15 +40,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="validation", help="train, validation, test, or all (every split pooled)")
     p.add_argument("--json", default=None, help="write every number (metrics, curves, per-face predictions) here")
     p.add_argument("--plots", default=None, help="folder for confusion_matrix.png (and roc.png, pr.png when binary)")
+    p.add_argument(
+        "--group",
+        default="",
+        help="score a coarser task with the same checkpoint: map its classes into groups, e.g. '0,1->0;2,3->1' "
+        "(face probabilities of a group are summed; labels are mapped the same way)",
+    )
     p.add_argument("--device", default="cpu", help="torch device")
     return p.parse_args(argv)
 
 
-def evaluate(dataset: str, clf: Classifier, split: str) -> dict[str, Any]:
-    """Per-face predictions and metrics of ``clf`` on one split (or ``all``) of ``dataset``."""
+def evaluate(dataset: str, clf: Classifier, split: str, group: str = "") -> dict[str, Any]:
+    """Per-face predictions and metrics of ``clf`` on one split (or ``all``) of ``dataset``.
+
+    ``group`` (a label map over the checkpoint's classes) evaluates a coarser task: grouped
+    face probabilities are summed.
+    """
     data = load_patch_set(dataset, split, clf.cfg.input_size)
-    classes = list(clf.cfg.classes)
-    labels = map_labels(data.face_labels, clf.cfg.label_map)
+    own = list(clf.cfg.classes)
+    grouping = parse_label_map(group)
+    merged = map_labels(own, grouping)
+    classes = list(dict.fromkeys(merged))
+    to_group = np.zeros((len(own), len(classes)))
+    to_group[np.arange(len(own)), [classes.index(c) for c in merged]] = 1.0
+    labels = map_labels(map_labels(data.face_labels, clf.cfg.label_map), grouping)
     unknown = sorted({lab for lab in labels if lab is not None and lab not in classes})
     if unknown:
         raise ValueError(f"dataset labels {unknown} are not classes of this checkpoint ({classes})")
@@ -64,7 +79,7 @@ def evaluate(dataset: str, clf: Classifier, split: str) -> dict[str, Any]:
     probs = clf.predict_patches(list(data.pixels))
     faces = []
     for face, idx in enumerate(data.face_patches()):
-        face_probs = clf.aggregate(probs[idx])
+        face_probs = clf.aggregate(probs[idx]) @ to_group
         scores = clf.patch_scores(probs[idx])
         top = idx[int(np.argmax(scores))]
         faces.append(
@@ -87,6 +102,7 @@ def evaluate(dataset: str, clf: Classifier, split: str) -> dict[str, Any]:
         "split": split,
         "checkpoint_sha256": clf.sha256,
         "aggregation": clf.cfg.aggregation,
+        "group": grouping,
         "patch_sizes": sizes,
         "unlabelled_faces": len(faces) - len(labelled),
         **classification_report(y_true, face_probs.argmax(1), classes),
@@ -173,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     clf = Classifier.load(args.checkpoint, device=args.device)
     log.info("checkpoint %s (sha256 %s), classes %s", args.checkpoint, clf.sha256[:12], list(clf.cfg.classes))
-    result = evaluate(args.dataset, clf, args.split)
+    result = evaluate(args.dataset, clf, args.split, args.group)
     result["checkpoint"] = args.checkpoint
     if args.plots:
         result["plots"] = save_plots(result, args.plots)

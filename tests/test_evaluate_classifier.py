@@ -65,3 +65,12 @@ def test_default_checkpoint_grades_a_dataset_without_being_named(tmp_path: Path)
     assert evaluate([str(data), "--json", str(tmp_path / "e.json")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["faces"] == 4 and result["classes"] == ["0", "1", "2", "3"]
+
+
+def test_group_scores_a_coarser_task_with_the_same_checkpoint(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    data, ckpt = trained
+    out = tmp_path / "g.json"
+    assert evaluate([str(data), "--checkpoint", str(ckpt), "--split", "test", "--group", "clear->ok;acne->bad", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["classes"] == ["ok", "bad"] and result["positive_class"] == "bad"
+    assert result["accuracy"] == 1.0 and result["confusion_matrix"] == [[5, 0], [0, 7]]
