@@ -78,6 +78,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fake-backgrounds", type=float, default=0.25,
                    help="probability that a FASSEG view's background becomes a smooth skin-toned backdrop "
                         "(otherwise half the time another training photo, else kept)")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from this segmenter checkpoint's weights (fine-tuning); its arch, encoder and "
+                        "decoder must match the flags")
     p.add_argument("--no-augment", action="store_true", help="train on plain resized images (for ablations)")
     args = p.parse_args(argv)
     if args.input_size % 32:
@@ -274,6 +277,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {"decoder_channels": list(args.decoder_channels)} if args.arch.lower().startswith("unet") else {}
     cfg = SegmenterConfig(arch=args.arch, encoder=args.encoder, input_size=args.input_size, model_kwargs=kwargs)
     network = build_network(cfg)
+    if args.init:
+        start_from = Segmenter.load(args.init)
+        if start_from.cfg.model_kwargs != cfg.model_kwargs or (start_from.cfg.arch, start_from.cfg.encoder) != (cfg.arch, cfg.encoder):
+            raise SystemExit(f"--init {args.init} is a {start_from.cfg.arch}/{start_from.cfg.encoder} "
+                             f"{start_from.cfg.model_kwargs}; the flags ask for {cfg.arch}/{cfg.encoder} {cfg.model_kwargs}")
+        network.load_state_dict(start_from.network.state_dict())
+        log.info("starting from %s (sha256 %s)", args.init, start_from.sha256[:12])
     segmenter = Segmenter(network, cfg)
     params = sum(p.numel() for p in network.parameters())
     log.info("%s/%s, %.2fM parameters, input %d", args.arch, args.encoder, params / 1e6, args.input_size)
