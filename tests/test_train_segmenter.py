@@ -125,3 +125,17 @@ def test_short_training_writes_a_loadable_checkpoint_and_metrics(tmp_path: Path)
     assert val_images and len(val_images) < 6
     image = np.zeros((50, 40, 3), np.uint8)
     assert seg.predict_masks([image])[0].shape == (50, 40)
+
+
+def test_fine_tuning_starts_from_a_checkpoint_and_refuses_another_architecture(tmp_path: Path) -> None:
+    data = _write_binary_folder(tmp_path / "bin", n=4, seed=2)
+    small = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--val-fraction", "0.25",
+             "--decoder-channels", "16", "16", "16", "16", "16"]
+    train_segmenter.main([str(data), "--output", str(tmp_path / "a"), "--input-size", "64", *small])
+    train_segmenter.main([str(data), "--output", str(tmp_path / "b"), "--input-size", "96",
+                          "--init", str(tmp_path / "a"), *small])
+    tuned = Segmenter.load(str(tmp_path / "b"))
+    assert tuned.cfg.input_size == 96 and tuned.cfg.training["settings"]["init"] == str(tmp_path / "a")
+    with pytest.raises(SystemExit, match="resnet18"):
+        train_segmenter.main([str(data), "--output", str(tmp_path / "c"), "--encoder", "resnet18",
+                              "--init", str(tmp_path / "a"), *small])
