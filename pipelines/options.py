@@ -74,8 +74,10 @@ class SegmentOptions(PipelineOptions):
         g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Inference device (default: cpu).")
         g.add_argument("--batch-size", type=_positive, default=8,
                        help="Images per inference batch, across images (default: %(default)s).")
-        g.add_argument("--torch-threads", type=int, default=0,
-                       help="torch intra-op threads per worker process; 0 keeps torch's default.")
+        g.add_argument("--torch-threads", type=int, default=1,
+                       help="torch intra-op threads per worker process (default: %(default)s, because runners start "
+                            "one worker process per core; raise it for a single process on many cores; 0 keeps "
+                            "torch's own default).")
         g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
                        help="Refuse images whose declared size exceeds this many pixels (decompression bombs).")
 
