@@ -39,8 +39,15 @@ def test_batching_across_images_does_not_change_any_mask(segmenter_checkpoint: s
         assert np.array_equal(segmenter.predict_masks([image])[0], mask)
 
 
-def test_a_portrait_has_skin_and_a_coffee_cup_much_less(segmenter_checkpoint: str) -> None:
+def test_a_portrait_has_a_face_sized_share_of_skin(segmenter_checkpoint: str) -> None:
+    face = Segmenter.load(segmenter_checkpoint).predict_masks([ffhq_square(portraits()["grace_hopper"])])[0]
+    assert 0.1 < face.mean() < 0.7
+
+
+@pytest.mark.xfail(strict=True, reason="known failure mode of the shipped segmenter (MODEL_CARD.md): brown, "
+                                       "skin-toned objects such as coffee and wood are taken for skin")
+def test_a_coffee_cup_has_much_less_skin_than_a_portrait(segmenter_checkpoint: str) -> None:
     photos = portraits()
     segmenter = Segmenter.load(segmenter_checkpoint)
     face, cup = segmenter.predict_masks([ffhq_square(photos["grace_hopper"]), ffhq_square(photos["coffee"])])
-    assert 0.1 < face.mean() < 0.7 and cup.mean() < face.mean() / 2
+    assert cup.mean() < face.mean() / 2
