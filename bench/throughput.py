@@ -205,9 +205,9 @@ class Bench:
         books = manifest["accounting"]
         run.update(
             job=job, config=config, kind="pipeline", flags=CONFIGS[config], images=books["inputs"],
-            run_seconds=manifest["run"]["seconds"], patches=manifest["counters"].get("patches", 0),
+            run_seconds=manifest["run"]["seconds"], patches=manifest["accounting"]["patches"],
             counts={"inputs": books["inputs"], "kept": books["kept"], "filtered": books["filtered"],
-                    "failed": books["failed"], "patches": manifest["counters"].get("patches", 0)},
+                    "failed": books["failed"], "patches": manifest["accounting"]["patches"]},
         )
         return self._record(run, out)
 

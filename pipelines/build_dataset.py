@@ -8,19 +8,20 @@ image ending as exactly one row of ``faces/``: kept, filtered (with a reason) or
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 
 from models.dataset import PATCH_SCHEMA, PATCHES_DIR, SPLITS
-from pipelines.common import JobConfigError, Prepared, cli, complete, prepare, segmented_faces
+from pipelines.common import (
+    JobConfigError, JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces,
+)
 from pipelines.options import (
     EncodeOptions, InputOptions, OutputOptions, PatchOptions, SegmentOptions, SplitOptions, parse,
 )
 from transforms.patches import CutPatches, EncodePatchRows, FilterFaces
 from transforms.split import AssignSplit, SplitError, check_mode, parse_fractions
-from transforms.write import WriteOutcomes, WriteParquet
+from transforms.write import WriteParquet
 
 DESCRIPTION = """\
 Build a training set: segment the skin of every face, drop faces and patches with too little
@@ -35,9 +36,9 @@ PROG = "python -m pipelines.build_dataset"
 OPTION_GROUPS = [InputOptions, SegmentOptions, PatchOptions, EncodeOptions, SplitOptions, OutputOptions]
 
 
-def build(p: beam.Pipeline, args: Any, prepared: Prepared) -> None:
+def build(p: beam.Pipeline, args: Any, prepared: Prepared) -> JobOutputs:
     """Compose the job's stages on ``p``."""
-    segmented, failures = segmented_faces(p, args, prepared)
+    segmented, failures, inputs = segmented_faces(p, args, prepared)
     faces, filtered = segmented | "FilterFaces" >> FilterFaces(args.min_face_skin)
     split, split_failed = faces | "Split" >> AssignSplit(args.split, parse_fractions(args.split_fractions))
     patched, no_patch = split | "CutPatches" >> CutPatches(
@@ -47,12 +48,13 @@ def build(p: beam.Pipeline, args: Any, prepared: Prepared) -> None:
         args.patch_format, args.jpeg_quality, args.png_compression, prepared.segmenter_sha256
     )
     by_split = rows | "BySplit" >> beam.Partition(lambda row, n: SPLITS.index(row["split"]), len(SPLITS))
-    for name, part in zip(SPLITS, by_split):
+    files = [
         part | f"Write{name.title()}Patches" >> WriteParquet(
             args.output, f"{PATCHES_DIR}/{name}", PATCH_SCHEMA, rows_per_group=PATCH_ROWS_PER_GROUP, compression="none"
         )
-    outcomes = (*failures, filtered, split_failed, no_patch, kept) | "AllOutcomes" >> beam.Flatten()
-    outcomes | "WriteOutcomes" >> WriteOutcomes(args.output)
+        for name, part in zip(SPLITS, by_split)
+    ]
+    return JobOutputs(inputs, [*failures, filtered, split_failed, no_patch, kept], files)
 
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
@@ -64,12 +66,11 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     except SplitError as exc:
         raise JobConfigError(str(exc)) from exc
     prepared = prepare(args, options)
-    started = time.monotonic()
     p = pipeline or beam.Pipeline(options=options)
-    build(p, args, prepared)
     checkpoints = {"segmenter": {"uri": args.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}
     tables = [f"{PATCHES_DIR}/{s}" for s in SPLITS]
-    return complete(p.run(), args, argv, "build_dataset", tables, checkpoints, started)
+    finish_job(args, argv, "build_dataset", checkpoints, tables, build(p, args, prepared))
+    return complete(p.run(), args.output)
 
 
 if __name__ == "__main__":

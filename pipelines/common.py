@@ -6,16 +6,16 @@ output location fails in seconds with a message that says what to fix.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import socket
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import fsspec
@@ -23,16 +23,15 @@ import torch
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from models.checkpoint import CheckpointError
-from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, join, read_parquet_dir
+from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, MANIFEST, join, read_parquet_dir
 from models.classifier import Classifier
 from models.segmenter import Segmenter
 from pipelines.options import DEFAULT_PATCH_SIZE
-from pipelines.report import write_report
 from transforms.decode import DecodeImages
 from transforms.read import InputError, ReadImages, check_patterns, load_ffhq_metadata, load_labels
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
 from transforms.split import SplitError
-from transforms.write import OutputError, accounting, counters, finish, package_versions, prepare_output, row_counts
+from transforms.write import Finish, OutputError, WriteOutcomes, package_versions, prepare_output
 
 log = logging.getLogger("acne")
 
@@ -144,46 +143,59 @@ def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None)
     return Prepared(files, labels, ffhq, segmenter.sha256, classifier.sha256 if classifier else None)
 
 
+class JobOutputs(NamedTuple):
+    """What a job's graph hands to its finish: the input count, every outcome, the committed files."""
+
+    inputs: beam.PCollection
+    outcomes: list[beam.PCollection]
+    files: list[beam.PCollection]
+
+
 def segmented_faces(
     p: beam.Pipeline, args: argparse.Namespace, prepared: Prepared
-) -> tuple[beam.PCollection, list[beam.PCollection]]:
-    """Read -> Decode -> Segment; returns the segmented records and the failure outcomes so far."""
-    records, read_failed = p | "Read" >> ReadImages(args.input, prepared.labels, prepared.ffhq_meta, args.voc_annotations)
+) -> tuple[beam.PCollection, list[beam.PCollection], beam.PCollection]:
+    """Read -> Decode -> Segment: the segmented records, the failure outcomes so far, the input count."""
+    records, read_failed, inputs = p | "Read" >> ReadImages(
+        args.input, prepared.labels, prepared.ffhq_meta, args.voc_annotations
+    )
     decoded, decode_failed = records | "Decode" >> DecodeImages(args.max_pixels, args.patch_size)
     handler = SkinSegmenterHandler(args.segmenter_checkpoint, args.device, args.batch_size, args.torch_threads)
     segmented, segment_failed = decoded | "Segment" >> SegmentSkin(handler)
-    return segmented, [read_failed, decode_failed, segment_failed]
+    return segmented, [read_failed, decode_failed, segment_failed], inputs
 
 
-def complete(
-    result: Any,
+def finish_job(
     args: argparse.Namespace,
     argv: Optional[Sequence[str]],
     job: str,
-    tables: list[str],
     checkpoints: dict[str, Any],
-    started: float,
-) -> dict[str, Any]:
-    """Wait for the job, check the accounting, write the manifest, print the summary."""
-    result.wait_until_finish()
-    metrics = counters(result)
-    rows = row_counts(args.output, [FACES_DIR, ERRORS_DIR, *tables])
-    books = accounting(metrics, rows[FACES_DIR])
-    elapsed = time.monotonic() - started
-    manifest = {
+    tables: list[str],
+    outputs: JobOutputs,
+) -> None:
+    """Append the last steps: write every outcome, then the checked manifest."""
+    outcomes = outputs.outcomes | "AllOutcomes" >> beam.Flatten()
+    outcome_files = outcomes | "WriteOutcomes" >> WriteOutcomes(args.output)
+    files = (*outputs.files, outcome_files) | "CommittedFiles" >> beam.Flatten()
+    base = {
         "job": job,
         "arguments": {k: v for k, v in sorted(vars(args).items())},
         "argv": redact_argv(sys.argv[1:] if argv is None else list(argv)),
         "versions": package_versions(),
         "checkpoints": checkpoints,
-        "accounting": books,
-        "counters": metrics,
-        "rows": rows,
-        "run": {"seconds": round(elapsed, 2), "images_per_second": round(books["inputs"] / max(elapsed, 1e-9), 3)},
-        "report": write_report(args.output, job, args.min_face_skin),
     }
-    finish(args.output, manifest)
-    print_summary(manifest, args.output)
+    (outputs.inputs, outcomes, files) | "Finish" >> Finish(args.output, base, tables, args.min_face_skin)
+
+
+def complete(result: Any, output: str) -> dict[str, Any]:
+    """Wait for the job, then report what its manifest says; unbalanced books are an error."""
+    result.wait_until_finish()
+    try:
+        with fsspec.open(join(output, MANIFEST), "rt") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise AccountingError(f"the job finished but wrote no {join(output, MANIFEST)}") from None
+    print_summary(manifest, output)
+    books = manifest["accounting"]
     if not books["ok"]:
         raise AccountingError(
             f"accounting does not add up: inputs {books['inputs']} != kept {books['kept']} + filtered "

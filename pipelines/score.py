@@ -3,25 +3,25 @@
 Read -> Decode -> Segment -> FilterFaces -> CutPatches -> Classify -> Write: the same stages as
 build_dataset up to the patches, then the classifier scores every patch (batched across
 images) and aggregates them per face. Given a build_dataset output as its one --input, it
-scores that dataset's patches instead (ReadPatchDataset -> Classify -> Write). Every input ends as one row of ``faces/``; scored and
-skin-less images also get a row in ``scores/``, failures go to ``errors/``.
+scores that dataset's patches instead (ReadPatchDataset -> Classify -> Write). Every input
+ends as one row of ``faces/``; scored and skin-less images also get a row in ``scores/``,
+failures go to ``errors/``.
 
     python -m pipelines.score --input 'archive/*.tar' --output scores/ [Beam flags]
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 
 from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR, read_manifest
-from pipelines.common import Prepared, cli, complete, prepare, segmented_faces
+from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces
 from pipelines.options import InputOptions, OutputOptions, PatchOptions, ScoreOptions, SegmentOptions, parse
 from transforms.classify import AcneClassifierHandler, ClassifyFaces, patch_rows, score_row, scored_outcome, unscored_row
 from transforms.patches import CutPatches, FilterFaces
 from transforms.read_patches import ReadPatchDataset, is_patch_dataset
-from transforms.write import WriteOutcomes, WriteParquet
+from transforms.write import WriteParquet
 
 DESCRIPTION = """\
 Score images for acne: segment skin, cut skin patches, classify each patch and aggregate per
@@ -33,13 +33,13 @@ PROG = "python -m pipelines.score"
 OPTION_GROUPS = [InputOptions, SegmentOptions, PatchOptions, ScoreOptions, OutputOptions]
 
 
-def build(p: beam.Pipeline, args: Any, prepared: Prepared, checkpoints: dict[str, dict[str, str]]) -> None:
+def build(p: beam.Pipeline, args: Any, prepared: Prepared, checkpoints: dict[str, dict[str, str]]) -> JobOutputs:
     """Compose the job's stages on ``p``."""
     if is_patch_dataset(args.input[0]):
-        patched, read_failed = p | "ReadPatchDataset" >> ReadPatchDataset(args.input[0])
+        patched, read_failed, inputs = p | "ReadPatchDataset" >> ReadPatchDataset(args.input[0])
         failures, skinless_parts = [read_failed], []
     else:
-        segmented, failures = segmented_faces(p, args, prepared)
+        segmented, failures, inputs = segmented_faces(p, args, prepared)
         faces, low_skin = segmented | "FilterFaces" >> FilterFaces(args.min_face_skin)
         patched, no_patch = faces | "CutPatches" >> CutPatches(
             args.patch_size, args.stride, args.min_patch_skin, args.blackout_background
@@ -55,14 +55,13 @@ def build(p: beam.Pipeline, args: Any, prepared: Prepared, checkpoints: dict[str
         scored | "ScoreRows" >> beam.Map(score_row, args.top_patches, *hashes),
         skinless | "SkinlessRows" >> beam.Map(unscored_row, *hashes),
     ) | "AllScoreRows" >> beam.Flatten()
-    rows | "WriteScores" >> WriteParquet(args.output, SCORES_DIR, SCORE_SCHEMA)
+    files = [rows | "WriteScores" >> WriteParquet(args.output, SCORES_DIR, SCORE_SCHEMA)]
     if args.patch_table:
-        scored | "PatchRows" >> beam.FlatMap(patch_rows) | "WritePatchScores" >> WriteParquet(
+        files.append(scored | "PatchRows" >> beam.FlatMap(patch_rows) | "WritePatchScores" >> WriteParquet(
             args.output, PATCH_SCORES_DIR, PATCH_SCORE_SCHEMA
-        )
+        ))
     scored_outcomes = scored | "ScoredOutcomes" >> beam.Map(scored_outcome)
-    outcomes = (*failures, skinless, classify_failed, scored_outcomes) | "AllOutcomes" >> beam.Flatten()
-    outcomes | "WriteOutcomes" >> WriteOutcomes(args.output)
+    return JobOutputs(inputs, [*failures, skinless, classify_failed, scored_outcomes], files)
 
 
 def segmenter_of(args: Any, prepared: Prepared) -> dict[str, str]:
@@ -76,15 +75,14 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
     args, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
     prepared = prepare(args, options)
-    started = time.monotonic()
     p = pipeline or beam.Pipeline(options=options)
     checkpoints = {
         "segmenter": segmenter_of(args, prepared),
         "classifier": {"uri": args.classifier_checkpoint, "sha256": prepared.classifier_sha256},
     }
-    build(p, args, prepared, checkpoints)
     tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if args.patch_table else [])
-    return complete(p.run(), args, argv, "score", tables, checkpoints, started)
+    finish_job(args, argv, "score", checkpoints, tables, build(p, args, prepared, checkpoints))
+    return complete(p.run(), args.output)
 
 
 if __name__ == "__main__":

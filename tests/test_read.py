@@ -45,8 +45,9 @@ def failures_like(expected: list[tuple[str, str, str]]):
 def expect_read(pipeline, patterns, ok: list, failed: list, **kwargs) -> None:
     """Run ReadImages; check the (id, label) records and the (id, stage, words-in-reason) failures."""
     with pipeline() as p:
-        records, failures = p | ReadImages(patterns, **kwargs)
+        records, failures, inputs = p | ReadImages(patterns, **kwargs)
         assert_that(records | beam.Map(lambda r: (r.image_id, r.label)), equal_to(ok), label="records")
+        assert_that(inputs, equal_to([len(ok) + len(failed)]), label="inputs")
         assert_that(
             failures | beam.Map(lambda o: (o.image_id, o.stage, o.reason)), failures_like(failed), label="failed"
         )

@@ -36,13 +36,13 @@ def test_non_empty_output_needs_overwrite(tmp_path: Path) -> None:
 def test_outputs_without_a_sound_manifest_are_refused(tmp_path: Path) -> None:
     with pytest.raises(IncompleteDatasetError, match="has not finished"):
         read_table(str(tmp_path), "faces")
-    write_manifest(str(tmp_path), {"accounting": accounting({"inputs": 3, "outcome_kept": 2}, face_rows=2)})
+    write_manifest(str(tmp_path), {"accounting": accounting(3, {"kept": 2}, face_rows=2)})
     with pytest.raises(IncompleteDatasetError, match="do not add up"):
         read_table(str(tmp_path), "faces")
 
 
-def test_accounting_checks_counters_and_rows_alike() -> None:
-    counters = {"inputs": 5, "outcome_kept": 3, "outcome_filtered": 1, "outcome_failed": 1}
-    assert accounting(counters, face_rows=5)["ok"]
-    assert not accounting(counters, face_rows=6)["ok"]
-    assert not accounting({**counters, "inputs": 6}, face_rows=5)["ok"]
+def test_accounting_checks_outcomes_and_rows_alike() -> None:
+    tally = {"kept": 3, "filtered": 1, "failed": 1, "patches": 12}
+    assert accounting(5, tally, face_rows=5)["ok"]
+    assert not accounting(5, tally, face_rows=6)["ok"]
+    assert not accounting(6, tally, face_rows=5)["ok"]

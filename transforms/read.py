@@ -475,7 +475,9 @@ def _read_unit(ref: ImageRef) -> tuple[str, int]:
 
 
 class ReadImages(beam.PTransform):
-    """Patterns -> (ImageRecord PCollection, failed Outcome PCollection).
+    """Patterns -> (ImageRecords, failed Outcomes, the number of input images as a singleton).
+
+    Every planned image, and every shard part that could not be planned, is one input.
 
     Labels and FFHQ metadata are small dictionaries loaded once by the launcher and shipped
     with the transform.
@@ -517,4 +519,10 @@ class ReadImages(beam.PTransform):
         units = (by_kind[0], row_groups) | "ReadUnits" >> beam.Flatten()
         read = units | "ReadFiles" >> beam.ParDo(self._read).with_outputs("outcome", main="records")
         failed = (planned.outcome, unique.outcome, read.outcome) | "ReadFailures" >> beam.Flatten()
-        return read.records, failed
+        inputs = (
+            (planned.refs | "CountRefs" >> beam.combiners.Count.Globally(),
+             planned.outcome | "CountUnplannable" >> beam.combiners.Count.Globally())
+            | "BothCounts" >> beam.Flatten()
+            | "CountInputs" >> beam.CombineGlobally(sum)
+        )
+        return read.records, failed, inputs

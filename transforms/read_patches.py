@@ -70,7 +70,7 @@ def _patch(row: dict[str, Any]) -> Patch:
 
 
 class ReadPatchDataset(beam.PTransform):
-    """A build_dataset output -> (faces with patches, failed Outcomes)."""
+    """A build_dataset output -> (faces with patches, failed Outcomes, the number of faces read)."""
 
     def __init__(self, uri: str):
         super().__init__()
@@ -85,4 +85,7 @@ class ReadPatchDataset(beam.PTransform):
             | "GroupByFace" >> beam.GroupByKey()
             | "AssembleFaces" >> beam.ParDo(_AssembleFace()).with_outputs("outcome", main="faces")
         )
-        return faces.faces, faces.outcome
+        inputs = faces.faces | "CountFaces" >> beam.combiners.Count.Globally()
+        failed_n = faces.outcome | "CountFailed" >> beam.combiners.Count.Globally()
+        total = (inputs, failed_n) | "BothCounts" >> beam.Flatten() | "CountInputs" >> beam.CombineGlobally(sum)
+        return faces.faces, faces.outcome, total

@@ -1,8 +1,10 @@
 """Write: Parquet tables through fsspec, outcome accounting, progress, and the manifest.
 
 Each bundle writes its rows to ``_temporary/`` and only the bundles that committed are
-renamed into place, so a retried bundle never leaves a duplicate row. The launcher writes
-``manifest.json`` last, after checking that every input was counted exactly once.
+renamed into place, so a retried bundle never leaves a duplicate row. The job's last step,
+``Finish``, waits for every table, checks that every input was counted exactly once, and
+writes ``manifest.json``: inside the pipeline, so a job launched and left (a Flex Template,
+a detached Dataflow run) still ends with a checked manifest.
 """
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.transforms.window import GlobalWindows
 
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, MANIFEST, OUTCOME_SCHEMA, join, write_manifest
 from transforms.read import missing_bucket
 from transforms.records import FAILED, FILTERED, KEPT, Outcome
+from transforms.report import write_report
 
 NAMESPACE = "acne"
 TEMP_DIR = "_temporary"
@@ -187,18 +189,6 @@ class WriteOutcomes(beam.PTransform):
         return (faces, errors) | "OutcomeFiles" >> beam.Flatten()
 
 
-def counters(result: Any) -> dict[str, int]:
-    """The job's ``acne`` counters, committed values where the runner has them."""
-    found: dict[str, int] = {}
-    for c in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
-        try:
-            value = c.committed
-        except Exception:
-            value = None
-        found[c.key.metric.name] = found.get(c.key.metric.name, 0) + int(value if value is not None else c.attempted)
-    return found
-
-
 def row_counts(root: str, subdirs: Iterable[str]) -> dict[str, int]:
     """Rows per table, from Parquet footers alone."""
     fs, path = fsspec.core.url_to_fs(root)
@@ -219,15 +209,37 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def accounting(metrics: Mapping[str, int], face_rows: int) -> dict[str, Any]:
-    """inputs = kept + filtered + failed, by the counters and by the rows actually written."""
-    kept, filtered, failed = (metrics.get(f"outcome_{s}", 0) for s in (KEPT, FILTERED, FAILED))
-    inputs = metrics.get("inputs", 0)
+class TallyOutcomes(beam.CombineFn):
+    """Outcomes -> {kept, filtered, failed, patches}."""
+
+    def create_accumulator(self) -> dict[str, int]:
+        return {KEPT: 0, FILTERED: 0, FAILED: 0, "patches": 0}
+
+    def add_input(self, acc: dict[str, int], outcome: Outcome) -> dict[str, int]:
+        acc[outcome.status] += 1
+        acc["patches"] += outcome.patch_count
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[dict[str, int]]) -> dict[str, int]:
+        merged = self.create_accumulator()
+        for acc in accs:
+            for key, value in acc.items():
+                merged[key] += value
+        return merged
+
+    def extract_output(self, acc: dict[str, int]) -> dict[str, int]:
+        return acc
+
+
+def accounting(inputs: int, tally: Mapping[str, int], face_rows: int) -> dict[str, Any]:
+    """inputs = kept + filtered + failed, by the outcomes counted and by the rows actually written."""
+    kept, filtered, failed = (tally.get(s, 0) for s in (KEPT, FILTERED, FAILED))
     return {
         "inputs": inputs,
         "kept": kept,
         "filtered": filtered,
         "failed": failed,
+        "patches": tally.get("patches", 0),
         "outcome_rows": face_rows,
         "ok": inputs == kept + filtered + failed == face_rows,
     }
@@ -239,3 +251,42 @@ def finish(root: str, manifest: dict[str, Any]) -> None:
     if fs.exists(join(path, TEMP_DIR)):
         fs.rm(join(path, TEMP_DIR), recursive=True)
     write_manifest(root, manifest)
+
+
+def _write_manifest(
+    _: None, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float, launched_at: float,
+    inputs: int, tally: Mapping[str, int], committed: Sequence[Sequence[str]],
+) -> dict[str, Any]:
+    rows = row_counts(root, [FACES_DIR, ERRORS_DIR, *tables])
+    books = accounting(inputs, tally, rows[FACES_DIR])
+    elapsed = time.time() - launched_at
+    manifest = {
+        **base,
+        "accounting": books,
+        "rows": rows,
+        "files": sum(len(files) for files in committed),
+        "run": {"seconds": round(elapsed, 2), "images_per_second": round(inputs / max(elapsed, 1e-9), 3)},
+        "report": write_report(root, base["job"], min_face_skin),
+    }
+    finish(root, manifest)
+    return manifest
+
+
+class Finish(beam.PTransform):
+    """(input count, outcomes, committed file lists) -> the manifest, written once everything else is."""
+
+    def __init__(self, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float):
+        super().__init__()
+        self._args = (root, dict(base), list(tables), min_face_skin, time.time())
+
+    def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection, beam.PCollection]) -> beam.PCollection:
+        inputs, outcomes, committed = pcolls
+        tally = outcomes | "Tally" >> beam.CombineGlobally(TallyOutcomes())
+        return (
+            inputs.pipeline
+            | "Once" >> beam.Create([None])
+            | "WriteManifest" >> beam.Map(
+                _write_manifest, *self._args, inputs=beam.pvalue.AsSingleton(inputs),
+                tally=beam.pvalue.AsSingleton(tally), committed=beam.pvalue.AsList(committed),
+            )
+        )
