@@ -61,6 +61,14 @@ def test_ffhq_folder_layout_gives_five_digit_ids(tmp_path: Path, pipeline) -> No
     expect_read(pipeline, [str(tmp_path)], [("00000", None), ("00001", None), ("01001", None)], [])
 
 
+def test_a_folder_means_its_images_but_a_named_file_is_always_an_input(tmp_path: Path, pipeline) -> None:
+    (tmp_path / "a.jpg").write_bytes(PNG)
+    (tmp_path / "a.xml").write_text("<annotation/>")
+    (tmp_path / "labels.csv").write_text("image,grade\n")
+    expect_read(pipeline, [str(tmp_path)], [("a", None)], [])
+    expect_read(pipeline, [str(tmp_path / "labels.csv")], [], [("labels", "read", "unsupported file type .csv")])
+
+
 def test_webdataset_tar_members_become_images_by_key(tmp_path: Path) -> None:
     write_tar(tmp_path / "shard-000.tar", {"a/00007.png": PNG, "a/00007.json": b"{}", "a/00008.jpg": PNG})
     refs = list(plan_shard(str(tmp_path / "shard-000.tar")))

@@ -100,12 +100,16 @@ def shard_kind(uri: str) -> str:
 
 
 def expand_pattern(pattern: str) -> list[str]:
-    """All files a pattern names, as full URLs, in sorted order (a folder means all files below)."""
+    """All files a pattern names, as full URLs, in sorted order.
+
+    A folder means the images and shards below it: annotations, label files and READMEs beside
+    the images are not inputs. A file named outright, or matched by a glob, always is.
+    """
     fs, path = fsspec.core.url_to_fs(pattern)
     if any(ch in path for ch in "*?["):
         paths = fs.glob(path)
     elif fs.isdir(path):
-        paths = fs.find(path)
+        paths = [p for p in fs.find(path) if shard_kind(p) != "unsupported"]
     else:
         paths = [path] if fs.exists(path) else []
     files = [p for p in paths if not fs.isdir(p)]
