@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from models.classifier import Classifier
@@ -40,7 +38,7 @@ from transforms.patches import cut_patches, encode_mask, encode_rgb, lesion_coun
 from transforms.read import expand_pattern, image_id_from_name, shard_kind
 from transforms.records import FAILED, FILTERED, KEPT, ImageRecord, Outcome
 from transforms.split import hash_split, parse_fractions
-from transforms.write import outcome_row
+from transforms.write import RowGroupWriter, outcome_row
 
 STAGES = ("read", "decode", "resize", "inference", "upsample", "patch", "encode", "write")
 
@@ -64,35 +62,6 @@ class StageClock:
         for key, seconds in self.seconds.items():
             totals[key.split(".")[0]] += seconds
         return totals
-
-
-class ParquetSink:
-    """Rows -> one Parquet file, written a row group at a time so memory stays flat."""
-
-    def __init__(self, path: Path, schema: pa.Schema, rows_per_group: int, compression: str):
-        self._path, self._schema = path, schema
-        self._rows_per_group, self._compression = rows_per_group, compression
-        self._rows: list[dict[str, Any]] = []
-        self._writer: Optional[pq.ParquetWriter] = None
-
-    def add(self, rows: Sequence[dict[str, Any]]) -> None:
-        self._rows.extend(rows)
-        if len(self._rows) >= self._rows_per_group:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._rows:
-            return
-        if self._writer is None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(str(self._path), self._schema, compression=self._compression)
-        self._writer.write_table(pa.Table.from_pylist(self._rows, self._schema))
-        self._rows = []
-
-    def close(self) -> None:
-        self._flush()
-        if self._writer is not None:
-            self._writer.close()
 
 
 def segment(model: Segmenter, images: Sequence[np.ndarray], clock: StageClock) -> list[np.ndarray]:
@@ -128,7 +97,7 @@ class Loop:
         self.args, self.clock = args, clock
         self.segmenter = Segmenter.load(args.segmenter_checkpoint, args.device)
         out = Path(args.output)
-        self.faces = ParquetSink(out / FACES_DIR / "part-00000.parquet", OUTCOME_SCHEMA, 256, "zstd")
+        self.faces = RowGroupWriter(str(out / FACES_DIR / "part-00000.parquet"), OUTCOME_SCHEMA, 256, "zstd")
         self.counts = {"inputs": 0, KEPT: 0, FILTERED: 0, FAILED: 0, "patches": 0}
 
     def outcome(self, outcome: Outcome) -> None:
@@ -182,7 +151,7 @@ def run_build(args: argparse.Namespace, clock: StageClock) -> Loop:
     loop = Loop(args, clock)
     fractions = parse_fractions(args.split_fractions)
     out = Path(args.output) / PATCHES_DIR
-    sinks: dict[str, ParquetSink] = {}
+    sinks: dict[str, RowGroupWriter] = {}
     sha = loop.segmenter.sha256
     encoding = (args.patch_format, args.jpeg_quality, args.png_compression)
     for face in loop.faces_with_patches():
@@ -201,8 +170,8 @@ def run_build(args: argparse.Namespace, clock: StageClock) -> Loop:
                 })
         with clock("write"):
             if split not in sinks:
-                sinks[split] = ParquetSink(
-                    out / split / "part-00000.parquet", PATCH_SCHEMA, build_dataset.PATCH_ROWS_PER_GROUP, "none"
+                sinks[split] = RowGroupWriter(
+                    str(out / split / "part-00000.parquet"), PATCH_SCHEMA, build_dataset.PATCH_ROWS_PER_GROUP, "none"
                 )
             sinks[split].add(rows)
         loop.outcome(Outcome(face.image_id, face.source_uri, KEPT, "patch", skin_fraction=face.skin_fraction,
@@ -219,7 +188,7 @@ def run_score(args: argparse.Namespace, clock: StageClock) -> Loop:
     classifier = Classifier.load(args.classifier_checkpoint, args.device)
     shas = (loop.segmenter.sha256, classifier.sha256)
     classes = tuple(classifier.cfg.classes)
-    scores = ParquetSink(Path(args.output) / SCORES_DIR / "part-00000.parquet", SCORE_SCHEMA, 256, "zstd")
+    scores = RowGroupWriter(str(Path(args.output) / SCORES_DIR / "part-00000.parquet"), SCORE_SCHEMA, 256, "zstd")
     pending: list[ImageRecord] = []
 
     def flush() -> None:

@@ -64,6 +64,39 @@ def prepare_output(root: str, overwrite: bool) -> None:
         raise OutputError(f"cannot prepare output {root}: {type(exc).__name__}: {exc}") from exc
 
 
+class RowGroupWriter:
+    """Rows -> one Parquet file at an fsspec URL, a row group at a time so memory stays flat."""
+
+    def __init__(self, path: str, schema: pa.Schema, rows_per_group: int, compression: str):
+        self.path = path
+        self._schema, self._rows_per_group, self._compression = schema, rows_per_group, compression
+        self._rows: list[Mapping[str, Any]] = []
+        self._file = self._writer = None
+
+    def add(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        self._rows.extend(rows)
+        if len(self._rows) >= self._rows_per_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        if self._writer is None:
+            self._file = fsspec.open(self.path, "wb", auto_mkdir=True).open()
+            self._writer = pq.ParquetWriter(self._file, self._schema, compression=self._compression)
+        self._writer.write_table(pa.Table.from_pylist(self._rows, self._schema))
+        self._rows = []
+
+    def close(self) -> bool:
+        """Flush and close; whether the file holds any rows (no file is made for none)."""
+        self._flush()
+        if self._writer is None:
+            return False
+        self._writer.close()
+        self._file.close()
+        return True
+
+
 class _WriteBundles(beam.DoFn):
     """Rows -> one temporary Parquet file per bundle; yields the files it committed."""
 
@@ -73,30 +106,15 @@ class _WriteBundles(beam.DoFn):
         self._compression = compression
 
     def start_bundle(self) -> None:
-        self._rows: list[dict[str, Any]] = []
-        self._file = self._writer = self._path = None
+        path = join(self._root, TEMP_DIR, self._subdir, f"{uuid.uuid4().hex}.parquet")
+        self._sink = RowGroupWriter(path, self._schema, self._rows_per_group, self._compression)
 
     def process(self, row: Mapping[str, Any]) -> None:
-        self._rows.append(row)
-        if len(self._rows) >= self._rows_per_group:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._rows:
-            return
-        if self._writer is None:
-            self._path = join(self._root, TEMP_DIR, self._subdir, f"{uuid.uuid4().hex}.parquet")
-            self._file = fsspec.open(self._path, "wb", auto_mkdir=True).open()
-            self._writer = pq.ParquetWriter(self._file, self._schema, compression=self._compression)
-        self._writer.write_table(pa.Table.from_pylist(self._rows, self._schema))
-        self._rows = []
+        self._sink.add([row])
 
     def finish_bundle(self) -> Iterator[Any]:
-        self._flush()
-        if self._writer is not None:
-            self._writer.close()
-            self._file.close()
-            yield GlobalWindows.windowed_value(self._path)
+        if self._sink.close():
+            yield GlobalWindows.windowed_value(self._sink.path)
 
 
 def _commit(temp_paths: Sequence[str], root: str, subdir: str) -> list[str]:
