@@ -9,8 +9,11 @@ STAMP="$VENV/.installed-$(sha1sum "$ROOT/setup.py" | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   echo "[setup] installing into $VENV (first run: a few minutes, about 7 GB with torch)" >&2
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip setuptools wheel
-  "$VENV/bin/pip" install --quiet -e "$ROOT[test]"
+  # A pip config that names local indexes lacking most packages (as on our CI machines) makes pip warn once per
+  # package; the filter drops those lines and keeps real errors (pipefail keeps pip's status).
+  quiet() { "$@" 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; } >&2; }
+  quiet "$VENV/bin/pip" install --quiet --upgrade pip setuptools wheel
+  quiet "$VENV/bin/pip" install --quiet -e "$ROOT[test]"
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi
