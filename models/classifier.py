@@ -28,11 +28,10 @@ import numpy as np
 import timm
 import torch
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointError
+from models.network import IMAGENET_MEAN, IMAGENET_STD, CheckpointedNetwork
 
 KIND = "classifier"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH_OUTPUTS = ("label", "count")
 AGGREGATIONS = ("mean", "geomean", "topk", "evidence")
 # float32 probabilities underflow below ~1e-38; keeping a patch's evidence spread under this
@@ -145,42 +144,20 @@ def evidence_temperature(slopes: Sequence[float]) -> float:
     return max(1.0, spread * MAX_PATCH_LESIONS / MAX_EVIDENCE_NATS)
 
 
-class Classifier:
+class Classifier(CheckpointedNetwork):
     """A loaded classifier: network, config and checkpoint hash, ready for inference."""
 
-    def __init__(self, network: torch.nn.Module, cfg: ClassifierConfig, sha256: str = "", device: str = "cpu"):
-        self.cfg = cfg
-        self.sha256 = sha256
-        self.device = torch.device(device)
-        self.network = network.to(self.device).eval()
-        self._mean = np.asarray(cfg.mean, np.float32) * 255.0
-        self._inv_std = 1.0 / (np.asarray(cfg.std, np.float32) * 255.0)
+    kind = KIND
+    config_type = ClassifierConfig
+    cfg: ClassifierConfig
 
-    @classmethod
-    def load(cls, uri: str, device: str = "cpu") -> "Classifier":
-        """Load a classifier checkpoint; raises CheckpointError saying what to fix."""
-        ckpt = load_checkpoint(uri, KIND)
-        cfg = ClassifierConfig.from_dict(ckpt.config)
-        try:
-            network = build_network(cfg)
-        except Exception as exc:
-            raise CheckpointError(
-                f"classifier checkpoint at {uri} names arch {cfg.arch!r}, which this timm cannot build: {exc}"
-            ) from exc
-        try:
-            network.load_state_dict(ckpt.state_dict)
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"classifier weights at {uri} do not fit a {cfg.arch} network with {cfg.num_outputs} outputs "
-                f"(classes {list(cfg.classes)}): the config and weights come from different trainings; "
-                f"re-export the checkpoint with models.train_classifier. Detail: {str(exc)[:300]}"
-            ) from exc
-        return cls(network, cfg, ckpt.sha256, device)
+    @staticmethod
+    def build(cfg: ClassifierConfig) -> torch.nn.Module:
+        return build_network(cfg)
 
-    def save(self, uri: str, training: Mapping[str, Any] | None = None) -> str:
-        """Write the checkpoint (optionally replacing the training record); return its sha256."""
-        cfg = self.cfg if training is None else ClassifierConfig(**{**asdict(self.cfg), "training": dict(training)})
-        return save_checkpoint(uri, self.network.state_dict(), cfg.to_dict())
+    @staticmethod
+    def describe(cfg: ClassifierConfig) -> str:
+        return f"a {cfg.arch} network with {cfg.num_outputs} outputs (classes {list(cfg.classes)})"
 
     def preprocess(self, patch: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 -> normalised float32 3xSxS at the model's input size."""
@@ -189,7 +166,7 @@ class Classifier:
         size = self.cfg.input_size
         if patch.shape[:2] != (size, size):
             patch = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
-        return ((patch.astype(np.float32) - self._mean) * self._inv_std).transpose(2, 0, 1)
+        return self.normalise(patch)
 
     @torch.inference_mode()
     def forward_patches(self, patches: Sequence[np.ndarray], batch_size: int = 256) -> np.ndarray:

@@ -15,17 +15,17 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import fsspec
 import numpy as np
 
+from models import defaults
 from models.classification_metrics import classification_report, pr_curve, roc_curve
 from models.classifier import Classifier
 from models.patch_data import load_patch_set, map_labels, parse_label_map
 
-DEFAULT_CHECKPOINT = str(Path(__file__).resolve().parent / "defaults" / "classifier")
+DEFAULT_CHECKPOINT = defaults.CLASSIFIER
 log = logging.getLogger("evaluate_classifier")
 
 

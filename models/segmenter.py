@@ -6,7 +6,6 @@ benchmark's reference loop all call the same ``Segmenter.predict_masks``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import cv2
@@ -14,13 +13,13 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models import defaults
+from models.checkpoint import CheckpointError
+from models.network import IMAGENET_MEAN, IMAGENET_STD, CheckpointedNetwork
 
 KIND = "segmenter"
 # The shipped checkpoint, trained by models.train_segmenter (see its MODEL_CARD.md).
-DEFAULT_CHECKPOINT = str(Path(__file__).resolve().parent / "defaults" / "segmenter")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_CHECKPOINT = defaults.SEGMENTER
 
 
 @dataclass(frozen=True)
@@ -62,40 +61,26 @@ def build_network(cfg: SegmenterConfig) -> torch.nn.Module:
     )
 
 
-class Segmenter:
+class Segmenter(CheckpointedNetwork):
     """A loaded segmenter: network, config and checkpoint hash, ready for inference."""
 
-    def __init__(self, network: torch.nn.Module, cfg: SegmenterConfig, sha256: str = "", device: str = "cpu"):
-        self.cfg = cfg
-        self.sha256 = sha256
-        self.device = torch.device(device)
-        self.network = network.to(self.device).eval()
-        self._mean = np.asarray(cfg.mean, np.float32) * 255.0
-        self._inv_std = 1.0 / (np.asarray(cfg.std, np.float32) * 255.0)
+    kind = KIND
+    config_type = SegmenterConfig
+    cfg: SegmenterConfig
 
-    @classmethod
-    def load(cls, uri: str, device: str = "cpu") -> "Segmenter":
-        ckpt = load_checkpoint(uri, KIND)
-        cfg = SegmenterConfig.from_dict(ckpt.config)
-        network = build_network(cfg)
-        try:
-            network.load_state_dict(ckpt.state_dict)
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"segmenter weights at {uri} do not fit a {cfg.arch}/{cfg.encoder} network: {str(exc)[:300]}"
-            ) from exc
-        return cls(network, cfg, ckpt.sha256, device)
+    @staticmethod
+    def build(cfg: SegmenterConfig) -> torch.nn.Module:
+        return build_network(cfg)
 
-    def save(self, uri: str, training: Mapping[str, Any] | None = None) -> str:
-        cfg = self.cfg if training is None else SegmenterConfig(**{**asdict(self.cfg), "training": dict(training)})
-        return save_checkpoint(uri, self.network.state_dict(), cfg.to_dict())
+    @staticmethod
+    def describe(cfg: SegmenterConfig) -> str:
+        return f"a {cfg.arch}/{cfg.encoder} network"
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 -> normalised float32 3xSxS at the model's input size."""
         size = self.cfg.input_size
         interp = cv2.INTER_AREA if min(image.shape[:2]) > size else cv2.INTER_LINEAR
-        small = cv2.resize(image, (size, size), interpolation=interp).astype(np.float32)
-        return ((small - self._mean) * self._inv_std).transpose(2, 0, 1)
+        return self.normalise(cv2.resize(image, (size, size), interpolation=interp))
 
     @torch.inference_mode()
     def predict_probs(self, images: Sequence[np.ndarray]) -> np.ndarray:
