@@ -1,6 +1,7 @@
 """Write: every row lands once; the manifest, written last, is what makes an output readable."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import apache_beam as beam
@@ -8,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from models.dataset import IncompleteDatasetError, read_parquet_dir, read_table, write_manifest
-from transforms.write import OutputError, WriteParquet, accounting, finish, prepare_output
+from transforms.records import Outcome
+from transforms.write import Finish, OutputError, WriteOutcomes, WriteParquet, accounting, finish, prepare_output
 
 SCHEMA = pa.schema([("image_id", pa.string()), ("n", pa.int32())])
 
@@ -46,3 +48,20 @@ def test_accounting_checks_outcomes_and_rows_alike() -> None:
     assert accounting(5, tally, face_rows=5)["ok"]
     assert not accounting(5, tally, face_rows=6)["ok"]
     assert not accounting(6, tally, face_rows=5)["ok"]
+
+
+def test_finish_writes_a_manifest_that_flags_unbalanced_books(tmp_path: Path, pipeline) -> None:
+    """One input went missing between reading and writing: the manifest says so, readers refuse it."""
+    outcomes = [Outcome("a", "mem://a", "kept", patch_count=4), Outcome.failed("b", "mem://b", "decode", "broken")]
+    with pipeline() as p:
+        inputs = p | "Inputs" >> beam.Create([3])
+        written = p | "Outcomes" >> beam.Create(outcomes)
+        files = written | WriteOutcomes(str(tmp_path))
+        (inputs, written, files) | Finish(str(tmp_path), {"job": "test"}, [], min_face_skin=0.15)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["accounting"] == {
+        "inputs": 3, "kept": 1, "filtered": 0, "failed": 1, "patches": 4, "outcome_rows": 2, "ok": False,
+    }
+    assert (tmp_path / "report.png").exists() and not (tmp_path / "_temporary").exists()
+    with pytest.raises(IncompleteDatasetError, match="do not add up"):
+        read_table(str(tmp_path), "faces")
