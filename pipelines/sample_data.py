@@ -58,10 +58,11 @@ def build_sample(out_dir: Path) -> list[Path]:
     """Write the sample folder; return the files in it."""
     photos = portraits()
     images = {
-        0: ffhq_square(photos["grace_hopper"], (0.5, 0.42, 1.0)),
-        1: ffhq_square(photos["astronaut"], (0.45, 0.4, 0.75)),
-        2: ffhq_square(photos["grace_hopper"][:, ::-1], (0.5, 0.38, 0.8)),
-        3: ffhq_square(photos["astronaut"], (0.42, 0.3, 0.45)),
+        # Crops tight around the face, as FFHQ's alignment frames them.
+        0: ffhq_square(photos["grace_hopper"], (0.5, 0.35, 0.7)),
+        1: ffhq_square(photos["astronaut"], (0.44, 0.26, 0.38)),
+        2: ffhq_square(photos["grace_hopper"][:, ::-1], (0.5, 0.33, 0.6)),
+        3: ffhq_square(photos["astronaut"], (0.45, 0.27, 0.42)),
         4: ffhq_square(photos["coffee"]),
     }
     files = []
