@@ -14,20 +14,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from models.dataset import FACES_DIR, OUTCOME_SCHEMA, join, read_parquet_dir  # noqa: E402
+from models.dataset import FACES_DIR, OUTCOME_SCHEMA, SCORE_SCHEMA, SCORES_DIR, join, read_parquet_dir  # noqa: E402
 
 REPORT = "report.png"
 COLOURS = {"kept": "#2a9d8f", "filtered": "#e9c46a", "failed": "#e76f51"}
 
 
 def write_report(output: str, job: str, min_face_skin: float) -> str:
-    """Draw outcomes by reason and the skin-fraction histogram to ``OUTPUT/report.png``."""
+    """Draw outcomes by reason, the skin-fraction histogram and (score) the verdicts to ``OUTPUT/report.png``."""
     faces = read_parquet_dir(join(output, FACES_DIR), OUTCOME_SCHEMA).to_pylist()
     reasons = Counter(
         (f["status"], f["status"] if f["status"] == "kept" else f"{f['stage']}: {f['error_type'] or f['reason']}"[:48])
         for f in faces
     )
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1.2, 1]})
+    scores = read_parquet_dir(join(output, SCORES_DIR), SCORE_SCHEMA, ["predicted_class"]).column(0).to_pylist()
+    panels = 3 if scores else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), gridspec_kw={"width_ratios": [1.2] + [1] * (panels - 1)})
+    left, right = axes[0], axes[1]
     labels = [label for (_, label), _ in reasons.most_common()]
     left.barh(labels, [n for _, n in reasons.most_common()], color=[COLOURS[s] for (s, _), _ in reasons.most_common()])
     left.invert_yaxis()
@@ -41,6 +44,13 @@ def write_report(output: str, job: str, min_face_skin: float) -> str:
     right.set_ylabel("images")
     right.set_title("skin per face")
     right.legend()
+    if scores:
+        classes = Counter(c for c in scores if c is not None)
+        names = sorted(classes)
+        axes[2].bar(names, [classes[n] for n in names], color="#264653")
+        axes[2].set_xlabel("predicted class")
+        axes[2].set_ylabel("images")
+        axes[2].set_title(f"verdicts ({scores.count(None)} without usable skin)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
