@@ -57,7 +57,6 @@ class AccountingError(RuntimeError):
 class Prepared:
     """What the up-front checks produced for the pipeline to use."""
 
-    input_files: int
     labels: Optional[dict[str, str]]
     ffhq_meta: Optional[dict[str, Any]]
     segmenter_sha256: str
@@ -140,7 +139,7 @@ def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None)
     except CONFIG_ERRORS as exc:
         raise JobConfigError(str(exc)) from exc
     log.info("found %d input file(s); segmenter %s (sha256 %s)", files, args.segmenter_checkpoint, segmenter.sha256[:12])
-    return Prepared(files, labels, ffhq, segmenter.sha256, classifier.sha256 if classifier else None)
+    return Prepared(labels, ffhq, segmenter.sha256, classifier.sha256 if classifier else None)
 
 
 class JobOutputs(NamedTuple):
