@@ -65,9 +65,8 @@ def compare(variants: dict[str, Callable[[], Any]], units: dict[str, int], repea
     return {name: 1e3 * statistics.median(s) / units[name] for name, s in samples.items()}
 
 
-@torch.inference_mode()
 def seg_forward(model: Segmenter, batch: torch.Tensor) -> np.ndarray:
-    return torch.sigmoid(model.network(batch))[:, 0].float().numpy()
+    return model.probs_from_batch(batch)
 
 
 def linear_preprocess(model: Segmenter, image: np.ndarray) -> np.ndarray:
@@ -167,7 +166,7 @@ def inference_levers(
 
     # Every variant does the same work (16 images, 128 patches) so that each sample is equally exposed to noise.
     batches: dict[str, tuple[Callable[[], Any], int]] = {}
-    for size in (1, 4, 8, 16):
+    for size in (1, 2, 4, 8, 16):
         chunks = [seg_batch[np.arange(start, start + size) % n] for start in range(0, 16, size)]
         batches[f"segmenter, batch {size}"] = (lambda cs=chunks: [seg_forward(seg, c) for c in cs], 16)
     for size in (16, 64, 128):

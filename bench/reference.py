@@ -67,9 +67,9 @@ class StageClock:
 def segment(model: Segmenter, images: Sequence[np.ndarray], clock: StageClock) -> list[np.ndarray]:
     """``Segmenter.predict_masks``, one stage at a time."""
     with clock("resize"):
-        batch = torch.from_numpy(np.stack([model.preprocess(im) for im in images])).to(model.device)
-    with clock("inference"), torch.inference_mode():
-        probs = torch.sigmoid(model.network(batch))[:, 0].float().cpu().numpy()
+        batch = model.batch(images)
+    with clock("inference"):
+        probs = model.probs_from_batch(batch)
     with clock("upsample"):
         return model.masks_from_probs(probs, [im.shape for im in images])
 

@@ -40,6 +40,21 @@ def test_round_trip_gives_identical_masks_and_probabilities(tmp_path: Path) -> N
         np.testing.assert_array_equal(a, b)
 
 
+
+def test_flip_averaging_from_the_config_makes_mirrored_faces_get_mirrored_masks(tmp_path: Path) -> None:
+    image = _images()[2]
+    plain = _fresh()
+    averaged_cfg = SegmenterConfig(**{**SMALL.__dict__, "flip_average": True})
+    Segmenter(plain.network, averaged_cfg).save(str(tmp_path / "ckpt"))
+    averaged = Segmenter.load(str(tmp_path / "ckpt"))
+    assert averaged.cfg.flip_average
+
+    def mirror_gap(seg: Segmenter) -> float:
+        probs, mirrored = seg.predict_probs([image, image[:, ::-1].copy()])
+        return float(np.abs(probs[:, ::-1] - mirrored).max())
+
+    assert mirror_gap(plain) > 1e-3
+    assert mirror_gap(averaged) < 1e-6
 def test_weights_that_do_not_match_the_config_hash_are_refused(tmp_path: Path) -> None:
     _fresh().save(str(tmp_path / "a"))
     weights = tmp_path / "a" / "weights.safetensors"
