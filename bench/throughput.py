@@ -30,6 +30,8 @@ from typing import Any, Optional, Sequence
 
 from bench.inputs import REPO, make_inputs
 from models import defaults
+from pipelines import build_dataset, score
+from pipelines.options import job_parser
 
 log = logging.getLogger("bench")
 
@@ -440,8 +442,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "load_average_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
             "settings": {
                 "images": n, "seed": args.seed, "repeats": args.repeats, "quick": args.quick,
-                "job_defaults": "batch-size 8, classifier-batch-size 64, patch-size 256, png-compression 1, "
-                                "patch-format png, torch-threads 1",
+                "job_defaults": job_defaults(),
                 "references": {c: REFERENCES[c] for c in references},
                 "configs": {c: CONFIGS[c] for c in configs},
             },
@@ -456,6 +457,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def job_defaults() -> str:
+    """The jobs' defaults for the flags that matter to speed, read from their own parsers."""
+    parsers = [job_parser(job.OPTION_GROUPS, job.PROG, job.DESCRIPTION) for job in (build_dataset, score)]
+    flags = ("batch_size", "classifier_batch_size", "patch_format", "png_compression", "torch_threads")
+    defaults = {flag: next(p.get_default(flag) for p in parsers if p.get_default(flag) is not None) for flag in flags}
+    return ", ".join(f"{flag.replace('_', '-')} {value}" for flag, value in defaults.items())
 
 
 def median_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

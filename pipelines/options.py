@@ -13,6 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models import defaults
 from transforms.decode import DEFAULT_MAX_PIXELS
 from transforms.patches import FORMATS
+from transforms.segment import DEFAULT_BATCH_SIZE
 from transforms.split import MODES
 
 DEFAULT_PATCH_SIZE = 256
@@ -72,7 +73,7 @@ class SegmentOptions(PipelineOptions):
         g.add_argument("--segmenter-checkpoint", default=defaults.SEGMENTER, metavar="URI",
                        help="Folder (or URL) with weights.safetensors and config.json (default: the shipped model).")
         g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Inference device (default: cpu).")
-        g.add_argument("--batch-size", type=_positive, default=8,
+        g.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE,
                        help="Images per inference batch, across images (default: %(default)s).")
         g.add_argument("--torch-threads", type=int, default=1,
                        help="torch intra-op threads per worker process (default: %(default)s, because runners start "

@@ -12,12 +12,16 @@ from models.segmenter import Segmenter
 from transforms.records import ImageRecord, Outcome
 
 STAGE = "segment"
+# Images per forward pass on a CPU. Larger batches cost more per image: at 256 px the
+# activations of 4+ images overflow the cores' caches (bench/RESULTS.md: batch 8 ~2x slower
+# per image than batch 2). GPUs want 32 or more.
+DEFAULT_BATCH_SIZE = 2
 
 
 class SkinSegmenterHandler(ModelHandler[ImageRecord, ImageRecord, Segmenter]):
     """Loads the segmenter once per worker process and masks batches of decoded images."""
 
-    def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int = 8, torch_threads: int = 0):
+    def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE, torch_threads: int = 0):
         # A fixed size: Beam's adaptive batching would start at 1 and ramp up, and small batches
         # cost more per image than the --batch-size the user asked for (bench/RESULTS.md).
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
