@@ -9,6 +9,7 @@ imported by a process that cannot see the checkout, as a Dataflow worker would.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tarfile
 import venv
@@ -237,6 +238,11 @@ def test_flex_template_parameters_are_the_cli_flags(job: str) -> None:
         assert actions[param["name"]].nargs != 0, f"--{param['name']} takes no value"
         if actions[param["name"]].choices and param.get("paramType") == "ENUM":
             assert {o["value"] for o in param["enumOptions"]} == {str(c) for c in actions[param["name"]].choices}
+        # A default quoted in the template's help must be the flag's real default.
+        quoted = re.search(r"\(default: ([^);]+)", param["helpText"])
+        default = actions[param["name"]].default
+        if quoted and isinstance(default, (int, float, str)) and not str(default).startswith("/"):
+            assert quoted.group(1) == str(default), f"--{param['name']}: template says {quoted.group(1)}, flag {default}"
     required = {p["name"] for p in spec["parameters"] if not p.get("isOptional", False)}
     assert required == {"input", "output"}
     # Every value-taking job flag is offered, so the template is not a reduced job.
