@@ -41,6 +41,22 @@ ENCODERS: dict[str, tuple[str, int]] = {
 }
 
 
+_C, _F, _S = cv2.IMWRITE_PNG_COMPRESSION, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_STRATEGY
+# The level-1 codings png_params was chosen over; its pick (average filter, Huffman only) is
+# "png level 1 (default)" above.
+PNG_CODINGS: dict[str, list[int]] = {
+    "png level 1, libpng's adaptive filters": [_C, 1],
+    "png level 1, up filter (until Nov 2026)": [_C, 1, _F, cv2.IMWRITE_PNG_FILTER_UP],
+    "png level 1, average filter": [_C, 1, _F, cv2.IMWRITE_PNG_FILTER_AVG],
+    "png level 1, up filter, Huffman only": [_C, 1, _F, cv2.IMWRITE_PNG_FILTER_UP, _S, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY],
+    "png level 1, Paeth filter, Huffman only": [_C, 1, _F, cv2.IMWRITE_PNG_FILTER_PAETH, _S, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY],
+}
+
+
+def _encode_png(pixels: np.ndarray, params: list[int]) -> bytes:
+    return cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), params)[1].tobytes()
+
+
 def timed(fn: Callable[[], Any], repeats: int) -> float:
     """Median seconds of ``repeats`` calls, after one warm-up call."""
     fn()
@@ -122,6 +138,9 @@ def encode_levers(patches: Sequence[Any], repeats: int) -> dict[str, dict[str, f
         ms = timed(lambda: [encode_rgb(px, fmt, 95, level) for px in pixels], repeats) * 1e3 / units
         size = float(np.mean([len(encode_rgb(px, fmt, 95, level)) for px in pixels]))
         out[name] = {"ms_per_patch": ms, "bytes_per_patch": size}
+    for name, params in PNG_CODINGS.items():
+        ms = timed(lambda: [_encode_png(px, params) for px in pixels], repeats) * 1e3 / units
+        out[name] = {"ms_per_patch": ms, "bytes_per_patch": float(np.mean([len(_encode_png(px, params)) for px in pixels]))}
     masks = [p.mask for p in patches]
     out["mask png level 1 (always)"] = {
         "ms_per_patch": timed(lambda: [encode_mask(m) for m in masks], repeats) * 1e3 / units,
