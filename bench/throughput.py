@@ -35,14 +35,15 @@ from pipelines.options import job_parser
 
 log = logging.getLogger("bench")
 
-DEFAULT_IMAGES = 48
+DEFAULT_IMAGES = 96
 JOBS = {"build_dataset": "build", "score": "score"}
 MULTI = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
 # The jobs default to one torch thread per process; this is the alternative the default was chosen over.
 TORCH_DEFAULT = ["--torch-threads", "0"]
 # Every configuration produces the same output; only how the work is run differs.
+DEFAULTS_REFERENCE = "reference loop"  # the loop at the jobs' own default settings
 REFERENCES: dict[str, list[str]] = {
-    "reference loop": [],
+    DEFAULTS_REFERENCE: [],
     "reference loop, torch default threads": TORCH_DEFAULT,
 }
 CONFIGS: dict[str, list[str]] = {
@@ -51,7 +52,7 @@ CONFIGS: dict[str, list[str]] = {
     "2 workers": MULTI,
     "2 workers, torch default threads": [*MULTI, *TORCH_DEFAULT],
 }
-QUICK_REFERENCES = ("reference loop",)
+QUICK_REFERENCES = (DEFAULTS_REFERENCE,)
 QUICK_CONFIGS = ("in-process",)
 STAGES = ("read", "decode", "resize", "inference", "upsample", "patch", "encode", "write")
 RSS_LIMIT_MB = 3 * 1024
@@ -266,8 +267,8 @@ def summarise(job: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
         "best_reference": best_ref["config"],
         "best_ratio": best["images_per_s"] / best_ref["images_per_s"],
         "stages": stages,
-        # The target is judged on the loop the best pipeline runs like.
-        "non_inference_share": stages[ratios[best["config"]]["reference"]]["non_inference_share"],
+        # The issue sets this target "at default settings": the loop with the jobs' own defaults.
+        "non_inference_share": stages[DEFAULTS_REFERENCE]["non_inference_share"],
         "patches_per_image": best_ref["patches"] / best_ref["images"],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs if r["job"] == job),
     }
@@ -310,7 +311,8 @@ def targets(jobs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"target": f"{job}: best config ({s['best_config']}) >= {TARGET_RATIO:.2f}x the best "
                                f"reference ({s['best_reference']}) images/s",
                      "value": s["best_ratio"], "met": s["best_ratio"] >= TARGET_RATIO})
-        rows.append({"target": f"{job}: non-inference work <= {TARGET_NON_INFERENCE:.0%} of per-image time",
+        rows.append({"target": f"{job}: non-inference work <= {TARGET_NON_INFERENCE:.0%} of per-image time "
+                               f"({DEFAULTS_REFERENCE}, job defaults)",
                      "value": s["non_inference_share"], "met": s["non_inference_share"] <= TARGET_NON_INFERENCE})
         rows.append({"target": f"{job}: peak RSS <= {RSS_LIMIT_MB} MB per process",
                      "value": s["peak_rss_mb"], "met": s["peak_rss_mb"] <= RSS_LIMIT_MB})
