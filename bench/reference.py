@@ -31,7 +31,7 @@ from models.dataset import (
 )
 from models.segmenter import Segmenter
 from pipelines import build_dataset, score
-from pipelines.options import DEFAULT_PATCH_SIZE, parse
+from pipelines.options import parse, resolve_tiling
 from transforms.classify import ScoredFace, score_row
 from transforms.decode import DecodeError, decode_image
 from transforms.patches import cut_patches, encode_mask, encode_rgb, lesion_count, patch_id
@@ -229,12 +229,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     # The jobs' own flag groups: same flags, same defaults.
     groups = build_dataset.OPTION_GROUPS if mine.job == "build" else score.OPTION_GROUPS
     args, _ = parse(rest, groups, f"python -m bench.reference {mine.job}", __doc__)
-    if args.patch_size is None:
-        # As the jobs do: score cuts patches at the classifier's training size when it records one.
-        trained = Classifier.load(args.classifier_checkpoint).cfg.patch_size if mine.job == "score" else None
-        args.patch_size = trained or DEFAULT_PATCH_SIZE
-    if args.stride is None:
-        args.stride = args.patch_size
+    if mine.job == "score":
+        trained = Classifier.load(args.classifier_checkpoint).cfg
+        resolve_tiling(args, trained.patch_size, trained.min_patch_skin)
+    else:
+        resolve_tiling(args)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     clock = StageClock()

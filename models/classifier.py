@@ -56,6 +56,9 @@ class ClassifierConfig:
     # Side in pixels of the dataset patches it was trained on (0 = unknown or mixed): lesion
     # counts are per patch, so scoring should cut patches of this size at the same image scale.
     patch_size: int = 0
+    # The least skin coverage of those patches (0 = unknown): the evidence aggregation sums
+    # lesions over a face's patches, so scoring must keep the same patches.
+    min_patch_skin: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     count_output: bool = False

@@ -205,6 +205,7 @@ class Trainer:
             arch=args.arch,
             input_size=args.input_size,
             patch_size=int(sizes[0]) if len(sizes) == 1 else 0,
+            min_patch_skin=float(self.manifest.get("arguments", {}).get("min_patch_skin") or 0.0),
             count_output=self.use_count,
             topk=args.topk,
             label_map=mapping,

@@ -26,7 +26,7 @@ from models.checkpoint import CheckpointError
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, MANIFEST, join, read_parquet_dir
 from models.classifier import Classifier
 from models.segmenter import Segmenter
-from pipelines.options import DEFAULT_PATCH_SIZE
+from pipelines.options import resolve_tiling
 from transforms.decode import DecodeImages
 from transforms.read import InputError, ReadImages, check_patterns, load_ffhq_metadata, load_labels
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
@@ -125,11 +125,10 @@ def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None)
     try:
         segmenter = Segmenter.load(args.segmenter_checkpoint)
         classifier = Classifier.load(classifier_uri) if classifier_uri else None
-        if args.patch_size is None:
-            # score cuts patches the way its classifier saw them in training.
-            args.patch_size = (classifier and classifier.cfg.patch_size) or DEFAULT_PATCH_SIZE
-        if args.stride is None:
-            args.stride = args.patch_size
+        if classifier:
+            resolve_tiling(args, classifier.cfg.patch_size, classifier.cfg.min_patch_skin)
+        else:
+            resolve_tiling(args)
         files = check_patterns(args.input)
         labels = load_labels(args.labels_csv, args.id_column, args.label_column) if args.labels_csv else None
         ffhq = load_ffhq_metadata(args.ffhq_metadata) if args.ffhq_metadata else None

@@ -17,6 +17,7 @@ from transforms.segment import DEFAULT_BATCH_SIZE
 from transforms.split import MODES
 
 DEFAULT_PATCH_SIZE = 256
+DEFAULT_MIN_PATCH_SKIN = 0.5
 
 BEAM_EPILOG = """\
 Beam flags pass straight through, for example:
@@ -96,8 +97,9 @@ class PatchOptions(PipelineOptions):
                             "classifier was trained on, from its config).")
         g.add_argument("--stride", type=_positive, default=None,
                        help="Step between patches; defaults to --patch-size (no overlap).")
-        g.add_argument("--min-patch-skin", type=_fraction, default=0.5,
-                       help="Keep patches whose skin coverage is at least this (default: %(default)s).")
+        g.add_argument("--min-patch-skin", type=_fraction, default=None,
+                       help=f"Keep patches whose skin coverage is at least this (default: {DEFAULT_MIN_PATCH_SKIN}; "
+                            "score: the value the classifier's training patches were cut with, from its config).")
         g.add_argument("--blackout-background", action="store_true",
                        help="Set the non-skin pixels of each patch to black.")
 
@@ -153,6 +155,18 @@ class ScoreOptions(PipelineOptions):
         g.add_argument("--top-patches", type=int, default=3,
                        help="How many of the most suspicious patches to report per image (default: %(default)s).")
         g.add_argument("--patch-table", action="store_true", help="Also write one row per scored patch.")
+
+
+def resolve_tiling(args: argparse.Namespace, trained_patch_size: int = 0, trained_min_skin: float = 0.0) -> None:
+    """Fill in the tiling flags left unset: score cuts patches the way its classifier saw them
+    in training (a face's lesion evidence is summed over its patches), build_dataset uses the
+    defaults."""
+    if args.patch_size is None:
+        args.patch_size = trained_patch_size or DEFAULT_PATCH_SIZE
+    if args.stride is None:
+        args.stride = args.patch_size
+    if args.min_patch_skin is None:
+        args.min_patch_skin = trained_min_skin or DEFAULT_MIN_PATCH_SKIN
 
 
 def job_parser(groups: Sequence[type[PipelineOptions]], prog: str, description: str) -> argparse.ArgumentParser:

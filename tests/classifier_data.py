@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 from models.dataset import PATCH_SCHEMA, SPLITS, write_manifest
 
 SKIN = (200, 160, 140)
+# As a build_dataset manifest records it; a classifier trained on the data carries it on.
+MIN_PATCH_SKIN = 0.3
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -84,5 +86,6 @@ def write_patch_dataset(
                         rows[k].append(v)
         (root / "patches" / split).mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table(rows, schema=PATCH_SCHEMA), root / "patches" / split / "part-00000.parquet")
-    write_manifest(str(root), {"generated_by": "tests.classifier_data", "accounting": {"ok": True}})
+    write_manifest(str(root), {"generated_by": "tests.classifier_data", "accounting": {"ok": True},
+                               "arguments": {"min_patch_skin": MIN_PATCH_SKIN}})
     return root

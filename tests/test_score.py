@@ -51,6 +51,19 @@ def test_scored_rows_carry_probabilities_top_patches_and_both_hashes(sample_scor
         assert row["classifier_sha256"] == manifest["checkpoints"]["classifier"]["sha256"]
 
 
+def test_patches_are_cut_as_the_classifier_saw_them_unless_flags_say_otherwise(
+        sample_scores, sample_dir: Path, tmp_path: Path) -> None:
+    _, manifest = sample_scores
+    trained = json.loads((Path(manifest["checkpoints"]["classifier"]["uri"]) / "config.json").read_text())
+    assert (manifest["arguments"]["patch_size"], manifest["arguments"]["min_patch_skin"]) == (
+        trained["patch_size"], trained["min_patch_skin"])
+    chosen = run(["--input", str(sample_dir), "--output", str(tmp_path / "out"),
+                  "--patch-size", "256", "--min-patch-skin", "0.9"])
+    assert (chosen["arguments"]["patch_size"], chosen["arguments"]["min_patch_skin"]) == (256, 0.9)
+    assert (chosen["arguments"]["patch_size"], chosen["arguments"]["min_patch_skin"]) != (
+        trained["patch_size"], trained["min_patch_skin"])
+
+
 def test_patch_table_holds_every_scored_patch(sample_scores) -> None:
     out, _ = sample_scores
     scores = read_table(str(out), SCORES_DIR).to_pandas()

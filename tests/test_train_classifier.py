@@ -10,7 +10,7 @@ import pytest
 
 from models.classifier import Classifier
 from models.train_classifier import main
-from tests.classifier_data import write_patch_dataset
+from tests.classifier_data import MIN_PATCH_SKIN, write_patch_dataset
 
 FAST = ["--arch", "test_byobnet", "--input-size", "24", "--batch-size", "16", "--threads", "1"]
 
@@ -40,6 +40,7 @@ def test_learns_a_separable_signal_and_writes_a_usable_checkpoint(colour_dataset
     assert clf.cfg.training["best_epoch"] == metrics["best_epoch"]
     assert clf.cfg.training["args"]["seed"] == 0
     assert clf.cfg.patch_size == 24 and clf.cfg.input_size == 24
+    assert clf.cfg.min_patch_skin == MIN_PATCH_SKIN
 
 
 def test_label_map_groups_grades_and_classes_come_from_the_data(tmp_path: Path) -> None:
