@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from models.dataset import FACES_DIR, OUTCOME_SCHEMA, SCORE_SCHEMA, SCORES_DIR, join, read_parquet_dir  # noqa: E402
 
@@ -47,10 +48,13 @@ def write_report(output: str, job: str, min_face_skin: float) -> str:
     if scores:
         classes = Counter(c for c in scores if c is not None)
         names = sorted(classes)
-        axes[2].bar(names, [classes[n] for n in names], color="#264653")
+        # Positions, not the names: class names such as "0".."3" would be taken for numbers.
+        axes[2].bar(range(len(names)), [classes[n] for n in names], color="#264653", tick_label=names)
         axes[2].set_xlabel("predicted class")
         axes[2].set_ylabel("images")
         axes[2].set_title(f"verdicts ({scores.count(None)} without usable skin)")
+    for axis in [left.xaxis, right.yaxis] + ([axes[2].yaxis] if scores else []):
+        axis.set_major_locator(MaxNLocator(integer=True))  # image counts
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
