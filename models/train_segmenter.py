@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import cv2
 import numpy as np
+import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +31,9 @@ from models.segmenter import Segmenter, SegmenterConfig, build_network
 from models.skin_data import BACKGROUND, HAIR, SKIN, Pair, assign_splits, discover, load_pair, load_regions, select
 
 log = logging.getLogger("train_segmenter")
+
+LOSSES = ("bce_dice", "bce", "dice", "bce_lovasz")
+_LOVASZ = smp.losses.LovaszLoss("binary", per_image=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -51,10 +55,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="smp encoder name; trained from scratch, nothing is downloaded")
     p.add_argument("--decoder-channels", type=int, nargs="+", default=[64, 48, 32, 16, 16],
                    help="Unet/UnetPlusPlus decoder widths (five values); ignored by other architectures")
+    p.add_argument("--decoder-attention", choices=("none", "scse"), default="none",
+                   help="Unet/UnetPlusPlus decoder attention: scse adds spatial and channel squeeze-and-excitation "
+                        "to every decoder block")
     p.add_argument("--input-size", type=int, default=192,
                    help="square network input in pixels (multiple of 32); images are resized to it")
-    p.add_argument("--loss", choices=("bce_dice", "bce", "dice"), default="bce_dice",
-                   help="training loss: binary cross-entropy, soft Dice, or their sum")
+    p.add_argument("--loss", choices=LOSSES, default="bce_dice",
+                   help="training loss: binary cross-entropy, soft Dice, their sum, or BCE plus the per-image "
+                        "Lovasz hinge (a surrogate of the per-image IoU that evaluation reports)")
     p.add_argument("--epochs", type=int, default=70, help="maximum number of epochs")
     p.add_argument("--steps-per-epoch", type=int, default=0,
                    help="optimiser steps per epoch (0: one pass over the training images)")
@@ -79,14 +87,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="probability that a FASSEG view's background becomes a smooth skin-toned backdrop "
                         "(otherwise half the time another training photo, else kept)")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
-                   help="start from this segmenter checkpoint's weights (fine-tuning); its arch, encoder and "
-                        "decoder must match the flags")
+                   help="start from this segmenter checkpoint's weights (fine-tuning); its arch and encoder "
+                        "must match the flags, and decoder tensors whose shape differs start fresh")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights, updated every step "
+                        "with this decay (0: off; 0.995 averages over about 200 steps); it smooths the "
+                        "epoch-to-epoch swings that heavy augmentation causes on a small validation split")
+    p.add_argument("--plain-views", type=float, default=0.0, metavar="FRACTION",
+                   help="share of training views left as the plain inference view (whole image resized, "
+                        "mirrored half the time), so the network also fits the labels on undistorted photos")
     p.add_argument("--no-augment", action="store_true", help="train on plain resized images (for ablations)")
     args = p.parse_args(argv)
     if args.input_size % 32:
         p.error("--input-size must be a multiple of 32")
     if len(args.decoder_channels) != 5:
         p.error("--decoder-channels takes five values")
+    if not 0.0 <= args.plain_views <= 1.0:
+        p.error("--plain-views takes a fraction in [0, 1]")
+    if not 0.0 <= args.ema < 1.0:
+        p.error("--ema takes a decay in [0, 1)")
     return args
 
 
@@ -202,21 +221,40 @@ def augment(image: np.ndarray, regions: np.ndarray, size: int, rng: np.random.Ge
     return img, target
 
 
-def plain_view(image: np.ndarray, regions: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The inference view: the whole image squashed to size x size, with its 0/1 target."""
-    return (cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA),
-            (cv2.resize(regions, (size, size), interpolation=cv2.INTER_NEAREST) == SKIN).astype(np.uint8))
+def plain_view(image: np.ndarray, regions: np.ndarray, size: int,
+               rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The inference view: the whole image squashed to size x size, with its 0/1 target.
+
+    Given a generator, the view is mirrored half the time (faces are near-symmetric).
+    """
+    img = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    target = (cv2.resize(regions, (size, size), interpolation=cv2.INTER_NEAREST) == SKIN).astype(np.uint8)
+    if rng is not None and rng.random() < 0.5:
+        img, target = img[:, ::-1].copy(), target[:, ::-1].copy()
+    return img, target
+
+
+def training_view(sample: tuple[np.ndarray, np.ndarray], donor: tuple[np.ndarray, np.ndarray],
+                  args: argparse.Namespace, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One view for a training step: augmented, or plain as ``--no-augment``/``--plain-views`` ask."""
+    if args.no_augment:
+        return plain_view(*sample, args.input_size)
+    if args.plain_views and rng.random() < args.plain_views:
+        return plain_view(*sample, args.input_size, rng)
+    return augment(*sample, args.input_size, rng, donor, args.fake_backgrounds)
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """BCE, soft Dice over the batch, or their sum."""
+    """BCE, soft Dice over the batch, their sum, or BCE plus the per-image Lovasz hinge."""
     total = logits.new_zeros(())
-    if kind in ("bce", "bce_dice"):
+    if kind in ("bce", "bce_dice", "bce_lovasz"):
         total = total + F.binary_cross_entropy_with_logits(logits, target)
     if kind in ("dice", "bce_dice"):
         prob = torch.sigmoid(logits)
         inter = (prob * target).sum()
         total = total + 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
+    if kind == "bce_lovasz":
+        total = total + _LOVASZ(logits, target)
     return total
 
 
@@ -233,6 +271,18 @@ def validate(segmenter: Segmenter, val: Sequence[tuple[Pair, np.ndarray, np.ndar
     if out:
         out["macro"] = {m: float(np.mean([v[m] for v in out.values()])) for m in ("iou", "dice", "precision", "recall")}
     return out
+
+
+def init_from(network: torch.nn.Module, source: torch.nn.Module) -> list[str]:
+    """Copy every tensor of ``source`` whose name and shape match; return the names left fresh.
+
+    This lets a wider decoder, or one with attention, start from a trained encoder.
+    """
+    theirs = source.state_dict()
+    ours = network.state_dict()
+    matched = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+    network.load_state_dict(matched, strict=False)
+    return sorted(k for k in ours if k not in matched and not k.endswith("num_batches_tracked"))
 
 
 def _dataset_weights(specs: Sequence[str]) -> dict[str, float]:
@@ -274,17 +324,27 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     sample_p = np.array([weights.get(p.dataset, 1.0) for p in train_pairs])
     sample_p = sample_p / sample_p.sum()
 
-    kwargs = {"decoder_channels": list(args.decoder_channels)} if args.arch.lower().startswith("unet") else {}
+    kwargs: dict[str, Any] = {}
+    if args.arch.lower().startswith("unet"):
+        kwargs["decoder_channels"] = list(args.decoder_channels)
+        if args.decoder_attention != "none":
+            kwargs["decoder_attention_type"] = args.decoder_attention
     cfg = SegmenterConfig(arch=args.arch, encoder=args.encoder, input_size=args.input_size, model_kwargs=kwargs)
     network = build_network(cfg)
     if args.init:
         start_from = Segmenter.load(args.init)
-        if start_from.cfg.model_kwargs != cfg.model_kwargs or (start_from.cfg.arch, start_from.cfg.encoder) != (cfg.arch, cfg.encoder):
-            raise SystemExit(f"--init {args.init} is a {start_from.cfg.arch}/{start_from.cfg.encoder} "
-                             f"{start_from.cfg.model_kwargs}; the flags ask for {cfg.arch}/{cfg.encoder} {cfg.model_kwargs}")
-        network.load_state_dict(start_from.network.state_dict())
-        log.info("starting from %s (sha256 %s)", args.init, start_from.sha256[:12])
-    segmenter = Segmenter(network, cfg)
+        if (start_from.cfg.arch, start_from.cfg.encoder) != (cfg.arch, cfg.encoder):
+            raise SystemExit(f"--init {args.init} is a {start_from.cfg.arch}/{start_from.cfg.encoder}; "
+                             f"the flags ask for {cfg.arch}/{cfg.encoder}")
+        fresh = init_from(network, start_from.network)
+        log.info("starting from %s (sha256 %s)%s", args.init, start_from.sha256[:12],
+                 f"; {len(fresh)} tensors start fresh, their shape differs or they are new "
+                 f"({', '.join(sorted({k.rsplit('.', 2)[0] for k in fresh}))})" if fresh else "")
+    # The averaged copy shares the config; it is what gets validated and saved when --ema is on.
+    averaged = (torch.optim.swa_utils.AveragedModel(
+        network, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True)
+        if args.ema else None)
+    segmenter = Segmenter(averaged.module if averaged else network, cfg)
     params = sum(p.numel() for p in network.parameters())
     log.info("%s/%s, %.2fM parameters, input %d", args.arch, args.encoder, params / 1e6, args.input_size)
 
@@ -310,10 +370,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         losses = []
         for _ in range(steps):
             idx = rng.choice(len(train_data), size=args.batch_size, p=sample_p)
-            views = [plain_view(*train_data[i], args.input_size) if args.no_augment
-                     else augment(*train_data[i], args.input_size, rng, train_data[rng.integers(len(train_data))],
-                             args.fake_backgrounds)
-                     for i in idx]
+            views = [training_view(train_data[i], train_data[rng.integers(len(train_data))], args, rng) for i in idx]
             x = torch.from_numpy(np.stack([v[0] for v in views])).permute(0, 3, 1, 2).float()
             y = torch.from_numpy(np.stack([v[1] for v in views])).float().unsqueeze(1)
             loss = loss_fn(network((x - mean) / std), y, args.loss)
@@ -321,6 +378,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             loss.backward()
             opt.step()
             sched.step()
+            if averaged:
+                averaged.update_parameters(network)
             losses.append(loss.item())
         val = validate(segmenter, val_data) if val_data else {}
         iou = val.get("macro", {}).get("iou", -float(np.mean(losses)))

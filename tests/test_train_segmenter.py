@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from models import train_segmenter
 from models.segmenter import Segmenter
@@ -93,6 +94,20 @@ def test_augmented_crops_are_square_and_keep_binary_masks() -> None:
         assert target.shape == (64, 64) and set(np.unique(target)) <= {0, 1}
 
 
+def test_plain_views_show_the_whole_photo_as_inference_does(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    image, mask = _face(rng, 120, 90)
+    args = train_segmenter.parse_args([str(tmp_path), "--input-size", "64", "--plain-views", "1"])
+    plain_image, plain_target = train_segmenter.plain_view(image, mask, 64)
+    mirrored = 0
+    for _ in range(20):
+        view, target = train_segmenter.training_view((image, mask), (image, mask), args, rng)
+        mirrored += np.array_equal(view, plain_image[:, ::-1])
+        assert np.array_equal(view, plain_image) or np.array_equal(view, plain_image[:, ::-1])
+        assert np.array_equal(target, plain_target) or np.array_equal(target, plain_target[:, ::-1])
+    assert 0 < mirrored < 20
+
+
 def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         train_segmenter.parse_args(["--help"])
@@ -127,7 +142,22 @@ def test_short_training_writes_a_loadable_checkpoint_and_metrics(tmp_path: Path)
     assert seg.predict_masks([image])[0].shape == (50, 40)
 
 
-def test_fine_tuning_starts_from_a_checkpoint_and_refuses_another_architecture(tmp_path: Path) -> None:
+def test_moving_average_weights_trail_the_optimiser(tmp_path: Path) -> None:
+    data = _write_binary_folder(tmp_path / "bin", n=4, seed=3)
+    small = ["--epochs", "1", "--steps-per-epoch", "4", "--batch-size", "2", "--val-fraction", "0.25",
+             "--input-size", "64", "--decoder-channels", "16", "16", "16", "16", "16", "--lr", "1e-2"]
+    train_segmenter.main([str(data), "--output", str(tmp_path / "start"), "--lr", "0", *small[:-2]])
+    for name, extra in (("raw", []), ("ema", ["--ema", "0.999"])):
+        train_segmenter.main([str(data), "--output", str(tmp_path / name), "--init", str(tmp_path / "start"),
+                              *small, *extra])
+    start, raw, ema = ({k: v.detach() for k, v in Segmenter.load(str(tmp_path / n)).network.named_parameters()}
+                      for n in ("start", "raw", "ema"))
+    moved = {n: sum(float((run[k] - start[k]).norm()) for k in start) for n, run in (("raw", raw), ("ema", ema))}
+    assert 0 < moved["ema"] < moved["raw"] / 2
+    assert Segmenter.load(str(tmp_path / "ema")).cfg.training["settings"]["ema"] == 0.999
+
+
+def test_fine_tuning_keeps_matching_weights_and_refuses_another_encoder(tmp_path: Path) -> None:
     data = _write_binary_folder(tmp_path / "bin", n=4, seed=2)
     small = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--val-fraction", "0.25",
              "--decoder-channels", "16", "16", "16", "16", "16"]
@@ -136,6 +166,13 @@ def test_fine_tuning_starts_from_a_checkpoint_and_refuses_another_architecture(t
                           "--init", str(tmp_path / "a"), *small])
     tuned = Segmenter.load(str(tmp_path / "b"))
     assert tuned.cfg.input_size == 96 and tuned.cfg.training["settings"]["init"] == str(tmp_path / "a")
+    widened = ["--decoder-channels", "16", "16", "16", "16", "32", "--decoder-attention", "scse"]
+    train_segmenter.main([str(data), "--output", str(tmp_path / "w"), "--input-size", "64", "--lr", "0",
+                          "--init", str(tmp_path / "a"), *small[:-6], *widened])
+    base, wide = Segmenter.load(str(tmp_path / "a")).network, Segmenter.load(str(tmp_path / "w")).network
+    encoder = [name for name, _ in base.encoder.named_parameters()]
+    assert encoder and all(torch.equal(base.encoder.get_parameter(n), wide.encoder.get_parameter(n)) for n in encoder)
+    assert wide.decoder.blocks[4].conv2[0].weight.shape[0] == 32
     with pytest.raises(SystemExit, match="resnet18"):
         train_segmenter.main([str(data), "--output", str(tmp_path / "c"), "--encoder", "resnet18",
                               "--init", str(tmp_path / "a"), *small])
