@@ -30,11 +30,16 @@ import torch
 from models.colour_baseline import ColourBaseline
 from models.seg_metrics import METRICS, THRESHOLDS, best_threshold, counts, mean_scores, scores, threshold_counts
 from models.segmenter import DEFAULT_CHECKPOINT, Segmenter
-from models.skin_data import Pair, discover, load_pair, select
+from models.skin_data import BACKGROUND, HAIR, OTHER, SKIN, Pair, discover, load_regions, select
 
 log = logging.getLogger("evaluate_segmenter")
 TIMING_SIZE = 1024
 SHEET_TILE = 200
+# Where the model's errors lie: false skin by the region the label gives it, and missed skin.
+# Binary masks know no hair or background, so all their false skin counts as "other".
+ERROR_REGIONS = (("false_skin_hair", HAIR), ("false_skin_background", BACKGROUND), ("false_skin_other", OTHER))
+ERROR_LABELS = {"false_skin_hair": "false skin on hair/eyebrows", "false_skin_background": "on background",
+                "false_skin_other": "on other (eyes, mouth)", "missed_skin": "missed skin"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -118,18 +123,30 @@ def write_sheet(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, np
     cv2.imwrite(str(path), cv2.cvtColor(np.vstack(lines), cv2.COLOR_RGB2BGR))
 
 
+def add_errors(errors: dict[str, int], mask: np.ndarray, regions: np.ndarray) -> None:
+    """Add one image's error pixels by region, and its skin-or-predicted pixel count, to ``errors``."""
+    skin = regions == SKIN
+    for name, region in ERROR_REGIONS:
+        errors[name] += int((mask & (regions == region)).sum())
+    errors["missed_skin"] += int((skin & ~mask).sum())
+    errors["union"] += int((skin | mask).sum())
+
+
 def evaluate_folder(segmenter: Segmenter, pairs: Sequence[Pair], args: argparse.Namespace) -> tuple[dict[str, Any], list]:
     """Scores, threshold sweep and timing for model and baseline on one folder's pairs."""
     baseline = ColourBaseline()
     model_rows, base_rows, sweeps, cases = [], [], [], []
     images_for_timing = []
+    errors = dict.fromkeys([name for name, _ in ERROR_REGIONS] + ["missed_skin", "union"], 0)
     for start in range(0, len(pairs), args.batch_size):
-        chunk = [(p, *load_pair(p)) for p in pairs[start:start + args.batch_size]]
+        chunk = [(p, *load_regions(p)) for p in pairs[start:start + args.batch_size]]
         images = [im for _, im, _ in chunk]
         probs = segmenter.predict_probs(images)
         masks = segmenter.masks_from_probs(probs, [im.shape for im in images])
         base_masks = baseline.predict_masks(images)
-        for (pair, image, truth), prob, mask, base in zip(chunk, probs, masks, base_masks):
+        for (pair, image, regions), prob, mask, base in zip(chunk, probs, masks, base_masks):
+            truth = (regions == SKIN).astype(np.uint8)
+            add_errors(errors, mask.astype(bool), regions)
             full = cv2.resize(prob, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
             sweeps.append(threshold_counts(full, truth))
             m, b = scores(*counts(mask, truth)), scores(*counts(base, truth))
@@ -138,8 +155,10 @@ def evaluate_folder(segmenter: Segmenter, pairs: Sequence[Pair], args: argparse.
             cases.append((pair.name, image, truth, (mask, base), m["iou"], b["iou"]))
         images_for_timing.extend(images[: max(0, args.timing_images - len(images_for_timing))])
     thr, thr_iou = best_threshold(sweeps)
+    union = max(errors.pop("union"), 1)
     model = dict(mean_scores(model_rows), threshold=segmenter.cfg.threshold, best_threshold=thr,
-                 best_threshold_iou=thr_iou, **time_per_image(segmenter, images_for_timing), per_image=model_rows)
+                 best_threshold_iou=thr_iou, error_share={k: v / union for k, v in errors.items()},
+                 **time_per_image(segmenter, images_for_timing), per_image=model_rows)
     base = dict(mean_scores(base_rows), **time_per_image(baseline, images_for_timing), per_image=base_rows)
     cases.sort(key=lambda c: c[4])
     n = min(args.sheet_rows, len(cases) // 2) if len(cases) > 1 else len(cases)
@@ -195,6 +214,10 @@ def print_table(report: dict[str, Any]) -> None:
             thr = f"{r['best_threshold']:.2f}" if "best_threshold" in r else "-"
             print(f"{name:<18}{label:<16}{res['images']:>4}" + "".join(f"{r[m]:>10.4f}" for m in METRICS)
                   + f"{thr:>10}{r['ms_per_image_1024_median']:>10.1f}")
+    print("model errors, as a share of the pixels that are skin in the truth or the prediction "
+          "(binary masks count all false skin as other):")
+    for name, res in report["datasets"].items():
+        print(f"  {name:<18}" + ", ".join(f"{ERROR_LABELS[k]} {v:.1%}" for k, v in res["model"]["error_share"].items()))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

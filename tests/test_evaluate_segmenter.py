@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from models.colour_baseline import colour_skin_mask
-from models.evaluate_segmenter import main as evaluate_main
+from models.evaluate_segmenter import add_errors, main as evaluate_main
 from models.seg_metrics import best_threshold, counts, mean_scores, scores, threshold_counts
 from models.segmenter import DEFAULT_CHECKPOINT, Segmenter
-from models.skin_data import discover, load_pair, select
+from models.skin_data import BACKGROUND, HAIR, OTHER, SKIN as SKIN_REGION, discover, load_pair, select
 
 SKIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "skin"
 needs_data = pytest.mark.skipif(not SKIN.is_dir(), reason=f"real skin data not found at {SKIN}")
@@ -42,6 +42,17 @@ def test_colour_baseline_gives_a_sensible_floor_on_real_faces() -> None:
     assert 0.65 < mean_scores(rows)["iou"] < 0.8
 
 
+def test_error_shares_say_where_false_and_missed_skin_lie_and_add_up_with_iou() -> None:
+    regions = np.array([[SKIN_REGION, SKIN_REGION, HAIR, BACKGROUND, OTHER, SKIN_REGION]], np.uint8)
+    mask = np.array([[1, 0, 1, 0, 1, 1]], bool)
+    errors = dict.fromkeys(("false_skin_hair", "false_skin_background", "false_skin_other", "missed_skin", "union"), 0)
+    add_errors(errors, mask, regions)
+    assert errors == {"false_skin_hair": 1, "false_skin_background": 0, "false_skin_other": 1, "missed_skin": 1,
+                      "union": 5}
+    iou = scores(*counts(mask, regions == SKIN_REGION))["iou"]
+    assert iou + sum(v for k, v in errors.items() if k != "union") / errors["union"] == pytest.approx(1.0)
+
+
 @needs_data
 def test_default_model_beats_the_colour_baseline_on_held_out_real_photos(tmp_path: Path) -> None:
     # A few held-out photos per folder, under the folder's own name so the split still applies.
@@ -62,4 +73,6 @@ def test_default_model_beats_the_colour_baseline_on_held_out_real_photos(tmp_pat
         assert model["iou"] > floor["iou"] + 0.05, name
         assert {"dice", "precision", "recall", "best_threshold", "ms_per_image_1024_median"} <= set(model)
         assert len(model["per_image"]) == result["images"]
+        assert 0 < sum(model["error_share"].values()) < 1
+    assert report["datasets"]["pratheepan"]["model"]["error_share"]["false_skin_hair"] == 0
     assert sheet.stat().st_size > 10_000
