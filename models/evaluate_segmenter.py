@@ -9,6 +9,15 @@ threshold that would maximise mean IoU on that folder; and milliseconds per imag
 1024x1024 input, end to end (decoded RGB image -> full-resolution 0/1 mask via
 ``Segmenter.predict_masks``). The colour baseline gets the same report.
 
+Where the model errs: false skin by region (hair, background, other) and missed skin, and on
+CelebAMask folders by class (eyes, brows, lips, hair, eyeglasses, hat, cloth, background, other;
+missed neck and missed face skin). How it fares across skin tones: each folder's images are
+split into quartiles by the Individual Typology Angle (ITA) of their true skin, and the mean IoU
+of each quartile is reported with the gap between the lightest and the darkest.
+
+``--unlabelled`` segments photos without labels at their full size (FFHQ and CelebA-HQ are
+1024x1024) and draws them on a sheet of their own, to be checked by eye.
+
 By default only the checkpoint's held-out photos are scored (``--split val``): the trainer
 stores its validation groups in the checkpoint config, so scores never include photos (or
 other poses of subjects) it trained on.
@@ -30,7 +39,8 @@ import torch
 from models.colour_baseline import ColourBaseline
 from models.seg_metrics import METRICS, THRESHOLDS, best_threshold, counts, mean_scores, scores, threshold_counts
 from models.segmenter import DEFAULT_CHECKPOINT, Segmenter
-from models.skin_data import BACKGROUND, HAIR, OTHER, SKIN, Pair, discover, load_regions, select
+from models.skin_data import (BACKGROUND, CELEBAMASK_CLASSES, CELEBAMASK_REGIONS, HAIR, IMAGE_SUFFIXES, OTHER, SKIN,
+                              Pair, discover, read_classes, read_regions, read_rgb, select, skin_ita)
 
 log = logging.getLogger("evaluate_segmenter")
 TIMING_SIZE = 1024
@@ -40,6 +50,24 @@ SHEET_TILE = 200
 ERROR_REGIONS = (("false_skin_hair", HAIR), ("false_skin_background", BACKGROUND), ("false_skin_other", OTHER))
 ERROR_LABELS = {"false_skin_hair": "false skin on hair/eyebrows", "false_skin_background": "on background",
                 "false_skin_other": "on other (eyes, mouth)", "missed_skin": "missed skin"}
+# CelebAMask-HQ names its classes, so its errors can be told apart finely: false skin on each
+# non-skin class, and missed skin with the neck apart (target here, as in FASSEG, but easy to stop
+# at the jaw). Every class is in exactly one group, so the shares add up to one minus the pooled IoU.
+CLASS_ERRORS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("eyes", "eyes", ("left_eye", "right_eye")),
+    ("brows", "brows", ("left_brow", "right_brow")),
+    ("lips", "lips/mouth", ("upper_lip", "lower_lip", "mouth")),
+    ("hair", "hair", ("hair",)),
+    ("eyeglasses", "glasses", ("eyeglasses",)),
+    ("hat", "hat", ("hat",)),
+    ("cloth", "cloth", ("cloth",)),
+    ("background", "background", ("background",)),
+    ("other", "other (earrings, necklaces)", ("earring", "necklace")),
+    ("missed_neck", "missed neck", ("neck",)),
+    ("missed_face", "missed face skin (skin, nose, ears)", ("skin", "nose", "left_ear", "right_ear")),
+)
+TONE_BINS = 4
+UNLABELLED_PER_ROW = 3
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -49,7 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("data", nargs="+", type=Path,
-                   help="data folders with images/ plus labels/ (FASSEG colour maps) or masks/ (binary)")
+                   help="data folders with images/ plus labels_celebamask19/ (CelebAMask-HQ class maps: errors "
+                        "are also reported per class), labels/ (FASSEG colour maps) or masks/ (binary)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="segmenter checkpoint folder or fsspec URL (default: the shipped checkpoint)")
     p.add_argument("--split", choices=("val", "train", "all"), default="val",
@@ -67,7 +96,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="torch CPU threads; 1 is fastest when other jobs share the cores (two threads on a "
                         "busy 2-core machine measured 5-10x slower), raise it on a dedicated machine")
     p.add_argument("--device", default="cpu", help="torch device for the model")
-    return p.parse_args(argv)
+    p.add_argument("--unlabelled", nargs="+", type=Path, default=[], metavar="FOLDER_OR_IMAGE",
+                   help="photos without labels (files, or folders read in sorted order) to segment at their "
+                        "full size, e.g. FFHQ's 1024x1024 faces; their skin fractions go to the table and --json")
+    p.add_argument("--unlabelled-sheet", type=Path, default=None, metavar="PATH",
+                   help="write a PNG sheet of the --unlabelled photos: image | predicted skin in green, "
+                        "captioned with the skin fraction")
+    p.add_argument("--unlabelled-limit", type=int, default=12, metavar="N",
+                   help="take the first N --unlabelled photos, in the order given (a folder's by file name)")
+    args = p.parse_args(argv)
+    if args.unlabelled_sheet and not args.unlabelled:
+        p.error("--unlabelled-sheet needs --unlabelled photos")
+    if args.unlabelled_limit < 1:
+        p.error("--unlabelled-limit must be at least 1")
+    return args
 
 
 def time_per_image(model: Any, images: Sequence[np.ndarray]) -> dict[str, float]:
@@ -109,6 +151,11 @@ def _tile(image: np.ndarray, caption: str = "") -> np.ndarray:
     return tile
 
 
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
 def write_sheet(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, float, float]]) -> None:
     """One row per case: image, truth overlay, model overlay, colour-baseline overlay."""
     lines = []
@@ -119,8 +166,15 @@ def write_sheet(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, np
             _tile(_overlay(image, pred[0], truth), f"model IoU {iou:.3f}"),
             _tile(_overlay(image, pred[1], truth), f"colour IoU {base_pred_iou:.3f}"),
         ]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(np.vstack(lines), cv2.COLOR_RGB2BGR))
+    _write_png(path, np.vstack(lines))
+
+
+def write_unlabelled_sheet(path: Path, pairs: Sequence[np.ndarray]) -> None:
+    """Lay out (image | predicted skin) tile pairs, a few to a row, blank where the last row ends."""
+    blank = np.full_like(pairs[0], 255)
+    padded = list(pairs) + [blank] * (-len(pairs) % UNLABELLED_PER_ROW)
+    rows = [np.hstack(padded[i:i + UNLABELLED_PER_ROW]) for i in range(0, len(padded), UNLABELLED_PER_ROW)]
+    _write_png(path, np.vstack(rows))
 
 
 def add_errors(errors: dict[str, int], mask: np.ndarray, regions: np.ndarray) -> None:
@@ -132,43 +186,127 @@ def add_errors(errors: dict[str, int], mask: np.ndarray, regions: np.ndarray) ->
     errors["union"] += int((skin | mask).sum())
 
 
+def add_class_errors(errors: dict[str, int], mask: np.ndarray, classes: np.ndarray) -> None:
+    """Add one CelebAMask image's error pixels by ``CLASS_ERRORS`` group, and its skin-or-predicted
+    pixel count, to ``errors``: a pixel is wrong where the prediction disagrees with its class's region."""
+    skin = CELEBAMASK_REGIONS[classes] == SKIN
+    wrong = np.bincount(classes[mask != skin].ravel(), minlength=len(CELEBAMASK_CLASSES))
+    for key, _, names in CLASS_ERRORS:
+        errors[key] += int(sum(wrong[CELEBAMASK_CLASSES.index(n)] for n in names))
+    errors["union"] += int((skin | mask).sum())
+
+
+def by_skin_tone(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean IoU per skin-tone quartile of a folder's images, darkest first, and the light-dark gap.
+
+    The images whose truth holds skin are sorted by its ITA (``row["ita"]``) and cut into equal
+    counts. A folder with fewer than two such images per quartile gets fewer bins, so that no
+    bin rests on one photo; ``tone_gap`` (IoU of the lightest bin minus the darkest) needs two bins.
+    """
+    toned = sorted((r for r in rows if r["ita"] is not None), key=lambda r: r["ita"])
+    n_bins = min(TONE_BINS, len(toned) // 2) or min(1, len(toned))
+    bins = []
+    for chunk in (np.array_split(np.arange(len(toned)), n_bins) if n_bins else []):
+        members = [toned[i] for i in chunk]
+        bins.append({"ita_low": members[0]["ita"], "ita_high": members[-1]["ita"], "images": len(members),
+                     "iou": float(np.mean([r["iou"] for r in members]))})
+    return {"bins": bins, "tone_gap": bins[-1]["iou"] - bins[0]["iou"] if len(bins) > 1 else None,
+            "images_without_skin": len(rows) - len(toned)}
+
+
+def load_labelled(pair: Pair) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Decode one pair: RGB image, region codes and, for a CelebAMask pair, its class ids."""
+    image = read_rgb(pair.image)
+    if pair.kind != "celebamask19":
+        return image, read_regions(pair, image.shape), None
+    classes = read_classes(pair, image.shape)
+    return image, CELEBAMASK_REGIONS[classes], classes
+
+
 def evaluate_folder(segmenter: Segmenter, pairs: Sequence[Pair], args: argparse.Namespace) -> tuple[dict[str, Any], list]:
-    """Scores, threshold sweep and timing for model and baseline on one folder's pairs."""
+    """Scores, error shares, IoU by skin tone, threshold sweep and timing for model and baseline on one folder."""
     baseline = ColourBaseline()
     model_rows, base_rows, sweeps, cases = [], [], [], []
     images_for_timing = []
     errors = dict.fromkeys([name for name, _ in ERROR_REGIONS] + ["missed_skin", "union"], 0)
+    class_errors = dict.fromkeys([key for key, _, _ in CLASS_ERRORS] + ["union"], 0)
     for start in range(0, len(pairs), args.batch_size):
-        chunk = [(p, *load_regions(p)) for p in pairs[start:start + args.batch_size]]
-        images = [im for _, im, _ in chunk]
+        chunk = [(p, *load_labelled(p)) for p in pairs[start:start + args.batch_size]]
+        images = [im for _, im, _, _ in chunk]
         probs = segmenter.predict_probs(images)
         masks = segmenter.masks_from_probs(probs, [im.shape for im in images])
         base_masks = baseline.predict_masks(images)
-        for (pair, image, regions), prob, mask, base in zip(chunk, probs, masks, base_masks):
+        for (pair, image, regions, classes), prob, mask, base in zip(chunk, probs, masks, base_masks):
             truth = (regions == SKIN).astype(np.uint8)
             add_errors(errors, mask.astype(bool), regions)
+            if classes is not None:
+                add_class_errors(class_errors, mask.astype(bool), classes)
             full = cv2.resize(prob, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
             sweeps.append(threshold_counts(full, truth))
+            ita = skin_ita(image, truth)
+            tone = {"image": pair.name, "ita": None if np.isnan(ita) else ita}
             m, b = scores(*counts(mask, truth)), scores(*counts(base, truth))
-            model_rows.append(dict(m, image=pair.name))
-            base_rows.append(dict(b, image=pair.name))
+            model_rows.append(dict(m, **tone))
+            base_rows.append(dict(b, **tone))
             cases.append((pair.name, image, truth, (mask, base), m["iou"], b["iou"]))
         images_for_timing.extend(images[: max(0, args.timing_images - len(images_for_timing))])
     thr, thr_iou = best_threshold(sweeps)
     union = max(errors.pop("union"), 1)
     model = dict(mean_scores(model_rows), threshold=segmenter.cfg.threshold, best_threshold=thr,
                  best_threshold_iou=thr_iou, error_share={k: v / union for k, v in errors.items()},
-                 **time_per_image(segmenter, images_for_timing), per_image=model_rows)
-    base = dict(mean_scores(base_rows), **time_per_image(baseline, images_for_timing), per_image=base_rows)
+                 by_skin_tone=by_skin_tone(model_rows), **time_per_image(segmenter, images_for_timing),
+                 per_image=model_rows)
+    if any(p.kind == "celebamask19" for p in pairs):
+        class_union = max(class_errors.pop("union"), 1)
+        model["error_share_by_class"] = {k: v / class_union for k, v in class_errors.items()}
+    base = dict(mean_scores(base_rows), by_skin_tone=by_skin_tone(base_rows),
+                **time_per_image(baseline, images_for_timing), per_image=base_rows)
     cases.sort(key=lambda c: c[4])
     n = min(args.sheet_rows, len(cases) // 2) if len(cases) > 1 else len(cases)
     picked = cases[:n] + cases[len(cases) - n:] if len(cases) > 1 else cases
     return {"images": len(pairs), "model": model, "colour_baseline": base}, picked
 
 
+def unlabelled_paths(specs: Sequence[Path], limit: int) -> list[Path]:
+    """The first ``limit`` images among files named directly and the sorted contents of named
+    folders, in the order given; a path that does not exist stops the run before any scoring."""
+    found: list[Path] = []
+    for spec in specs:
+        if spec.is_dir():
+            found.extend(sorted(p for p in spec.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif spec.is_file():
+            found.append(spec)
+        else:
+            raise SystemExit(f"--unlabelled {spec}: no such file or folder")
+    found = list(dict.fromkeys(found))[:limit]
+    if not found:
+        raise SystemExit(f"--unlabelled {' '.join(map(str, specs))}: no images found")
+    return found
+
+
+def segment_unlabelled(segmenter: Segmenter, paths: Sequence[Path]) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Segment each photo alone at its full size; return its figures and its (image | skin) sheet tiles."""
+    rows, tiles = [], []
+    for path in paths:
+        try:
+            image = read_rgb(path)
+        except ValueError as exc:
+            log.warning("--unlabelled: %s; skipped", exc)
+            continue
+        start = time.perf_counter()
+        mask = segmenter.predict_masks([image])[0]
+        ms = (time.perf_counter() - start) * 1000
+        fraction = float(mask.mean())
+        rows.append({"image": str(path), "height": image.shape[0], "width": image.shape[1],
+                     "skin_fraction": fraction, "ms": ms})
+        tiles.append(np.hstack([_tile(image, path.name[:34]), _tile(_overlay(image, mask, None), f"skin {fraction:.1%}")]))
+    return rows, tiles
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate every folder; return the report that --json writes."""
+    """Evaluate every folder, then the unlabelled photos; return the report that --json writes."""
     torch.set_num_threads(args.threads)
+    unlabelled = unlabelled_paths(args.unlabelled, args.unlabelled_limit) if args.unlabelled else []
     segmenter = Segmenter.load(args.checkpoint, args.device)
     split = segmenter.cfg.training.get("split", {})
     val_groups = split.get("val_groups", {})
@@ -195,12 +333,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sheet_rows.extend((f"{name}/{c[0]}", *c[1:]) for c in picked)
         log.info("%s (%s, %d images): model IoU %.4f vs colour %.4f", name, scope, len(pairs),
                  result["model"]["iou"], result["colour_baseline"]["iou"])
+    tiles: list[np.ndarray] = []
+    if unlabelled:
+        report["unlabelled"], tiles = segment_unlabelled(segmenter, unlabelled)
     print_table(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.sheet and sheet_rows:
         write_sheet(args.sheet, sheet_rows)
+    if args.unlabelled_sheet and tiles:
+        write_unlabelled_sheet(args.unlabelled_sheet, tiles)
     return report
 
 
@@ -214,10 +357,34 @@ def print_table(report: dict[str, Any]) -> None:
             thr = f"{r['best_threshold']:.2f}" if "best_threshold" in r else "-"
             print(f"{name:<18}{label:<16}{res['images']:>4}" + "".join(f"{r[m]:>10.4f}" for m in METRICS)
                   + f"{thr:>10}{r['ms_per_image_1024_median']:>10.1f}")
-    print("model errors, as a share of the pixels that are skin in the truth or the prediction "
-          "(binary masks count all false skin as other):")
+    print("model errors, as a share of the pixels that are skin in the truth or the prediction (other is eyes and "
+          "mouth, on CelebAMask also glasses, hats, clothes and jewellery; binary masks count all false skin as other):")
     for name, res in report["datasets"].items():
         print(f"  {name:<18}" + ", ".join(f"{ERROR_LABELS[k]} {v:.1%}" for k, v in res["model"]["error_share"].items()))
+    by_class = {name: res["model"]["error_share_by_class"] for name, res in report["datasets"].items()
+                if "error_share_by_class" in res["model"]}
+    if by_class:
+        labels = {key: label for key, label, _ in CLASS_ERRORS}
+        print("model errors by CelebAMask class, same denominator: false skin on each class, then missed target "
+              "skin (CelebAMask-HQ labels beards and moustaches as skin, so they count as face skin and "
+              "cannot be reported apart):")
+        for name, shares in by_class.items():
+            print(f"  {name:<18}" + ", ".join(f"{labels[k]} {v:.1%}" for k, v in shares.items()))
+    print("mean IoU by skin tone: each folder's images with skin, cut into quartiles by the ITA of their true "
+          "skin (degrees, lower = darker), darkest first; gap = lightest - darkest:")
+    print(f"  {'dataset':<18}{'ITA range':>16}{'n':>6}{'model':>9}{'colour':>9}")
+    for name, res in report["datasets"].items():
+        model, base = res["model"]["by_skin_tone"], res["colour_baseline"]["by_skin_tone"]
+        for m, b in zip(model["bins"], base["bins"]):
+            span = f"{m['ita_low']:.1f} .. {m['ita_high']:.1f}"
+            print(f"  {name:<18}{span:>16}{m['images']:>6}{m['iou']:>9.4f}{b['iou']:>9.4f}")
+        if model["tone_gap"] is not None:
+            print(f"  {name:<18}{'gap':>16}{'':>6}{model['tone_gap']:>+9.4f}{base['tone_gap']:>+9.4f}")
+    if report.get("unlabelled"):
+        print("unlabelled photos, segmented at full size (predicted skin fraction, ms for the one image):")
+        for row in report["unlabelled"]:
+            print(f"  {Path(row['image']).name:<40}{row['width']:>5}x{row['height']:<5}"
+                  f"skin {row['skin_fraction']:>6.1%}{row['ms']:>8.0f} ms")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

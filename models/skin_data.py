@@ -1,8 +1,9 @@
 """Skin segmentation data: reading image/label folders and splitting them without leaks.
 
-A data folder holds ``images/`` plus either ``labels/`` (FASSEG colour label maps) or
-``masks/`` (binary masks, 255 = skin). Both layouts become RGB uint8 images with uint8 0/1
-targets at the image's own size. The trainer and the evaluator share ``assign_splits`` so a
+A data folder holds ``images/`` plus one of ``labels/`` (FASSEG colour label maps),
+``labels_celebamask19/`` (CelebAMask-HQ 19-class index maps) or ``masks/`` (binary masks,
+255 = skin). Every layout becomes RGB uint8 images with uint8 0/1 targets at the image's own
+size, on one convention: skin, nose, ears and neck are the target. The trainer and the evaluator share ``assign_splits`` so a
 checkpoint's held-out photos can be found again from its config.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Iterable, Mapping, Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -33,6 +35,17 @@ FASSEG_COLOURS: tuple[tuple[tuple[int, int, int], int], ...] = (
     ((255, 0, 0), BACKGROUND),
 )
 
+# CelebAMask-HQ class ids (the index of each name) and the region each one belongs to. The
+# target follows FASSEG, whose skin class includes neck and ears; brows join hair, as in FASSEG.
+CELEBAMASK_CLASSES = ("background", "skin", "nose", "eyeglasses", "left_eye", "right_eye", "left_brow",
+                      "right_brow", "left_ear", "right_ear", "mouth", "upper_lip", "lower_lip", "hair", "hat",
+                      "earring", "necklace", "neck", "cloth")
+_CELEBAMASK_REGION = {"background": BACKGROUND, "skin": SKIN, "nose": SKIN, "left_ear": SKIN, "right_ear": SKIN,
+                      "neck": SKIN, "hair": HAIR, "left_brow": HAIR, "right_brow": HAIR}
+CELEBAMASK_REGIONS = np.array([_CELEBAMASK_REGION.get(c, OTHER) for c in CELEBAMASK_CLASSES], np.uint8)
+# Label folders by layout, in the order discover() looks for them.
+LABEL_LAYOUTS = (("labels_celebamask19", "celebamask19"), ("labels", "colour"), ("masks", "binary"))
+
 # Pointing'04 file names (FASSEG multipose) carry "personneSSXNN": subject SS, series X, shot NN.
 _SUBJECT = re.compile(r"personne(\d{2})")
 _PREFIXES = ("face_photo_", "family_photo_")
@@ -48,7 +61,7 @@ class Pair:
     dataset: str
     image: Path
     label: Path
-    kind: str  # "colour" (FASSEG label map) or "binary" (mask)
+    kind: str  # "colour" (FASSEG label map), "celebamask19" (class index map) or "binary" (mask)
     group: str
 
     @property
@@ -77,8 +90,24 @@ def colour_label_to_mask(label_rgb: np.ndarray) -> np.ndarray:
     return (colour_label_to_regions(label_rgb) == SKIN).astype(np.uint8)
 
 
+def read_classes(pair: Pair, shape: tuple[int, ...]) -> np.ndarray:
+    """A CelebAMask pair's class ids (see ``CELEBAMASK_CLASSES``) at the image's height and width."""
+    if pair.kind != "celebamask19":
+        raise ValueError(f"{pair.label} is a {pair.kind} label; only CelebAMask maps name their classes")
+    # Palette PNGs: PIL keeps the indices, where OpenCV would expand them to colours.
+    with Image.open(pair.label) as im:
+        classes = np.asarray(im)
+    if classes.ndim != 2 or classes.max(initial=0) >= len(CELEBAMASK_CLASSES):
+        raise ValueError(f"{pair.label} is not a 19-class CelebAMask index map")
+    if classes.shape != tuple(shape[:2]):
+        classes = cv2.resize(classes, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return classes
+
+
 def read_regions(pair: Pair, shape: tuple[int, ...]) -> np.ndarray:
     """The pair's region codes (OTHER/SKIN/HAIR/BACKGROUND) at the image's height and width."""
+    if pair.kind == "celebamask19":
+        return CELEBAMASK_REGIONS[read_classes(pair, shape)]
     if pair.kind == "colour":
         regions = colour_label_to_regions(read_rgb(pair.label))
     else:
@@ -146,13 +175,12 @@ def discover(folder: Path | str) -> list[Pair]:
     root = Path(folder)
     images_dir = root / "images"
     if not images_dir.is_dir():
-        raise ValueError(f"{root} has no images/ folder: expected images/ plus labels/ or masks/")
-    if (root / "labels").is_dir():
-        label_dir, kind = root / "labels", "colour"
-    elif (root / "masks").is_dir():
-        label_dir, kind = root / "masks", "binary"
-    else:
-        raise ValueError(f"{root} has neither labels/ (colour maps) nor masks/ (binary masks)")
+        raise ValueError(f"{root} has no images/ folder: expected images/ plus labels/, labels_celebamask19/ or masks/")
+    found = [(root / name, kind) for name, kind in LABEL_LAYOUTS if (root / name).is_dir()]
+    if not found:
+        raise ValueError(f"{root} has none of labels_celebamask19/ (class maps), labels/ (colour maps) "
+                         "or masks/ (binary masks)")
+    label_dir, kind = found[0]
     labels = {p.stem: p for p in label_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in labels)
     if not images:
@@ -187,3 +215,18 @@ def assign_splits(pairs: Sequence[Pair], val_fraction: float, seed: int) -> dict
 def select(pairs: Iterable[Pair], val_groups: Mapping[str, Sequence[str]], held_out: bool) -> list[Pair]:
     """The pairs on the held-out side (``held_out=True``) or the training side of a split."""
     return [p for p in pairs if (p.group in set(val_groups.get(p.dataset, ()))) == held_out]
+
+
+def skin_ita(image: np.ndarray, skin: np.ndarray) -> float:
+    """Individual Typology Angle (degrees) of the skin pixels: atan2(L* - 50, b*) in CIELAB.
+
+    Lower is darker (below -30 "dark", above 55 "very light"), within [-90, 90]; medians keep
+    it robust to shadows and highlights. NaN when the mask holds no skin.
+    """
+    pixels = image[skin.astype(bool)]
+    if len(pixels) == 0:
+        return float("nan")
+    lab = cv2.cvtColor(pixels.reshape(-1, 1, 3).astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    lightness, yellow = float(np.median(lab[:, 0])), float(np.median(lab[:, 2]))
+    # Grey or bluish casts give b* <= 0; ITA is then +-90 (its limit), not an angle past it.
+    return float(np.degrees(np.arctan2(lightness - 50.0, max(yellow, 1e-6))))

@@ -28,10 +28,12 @@ import torch.nn.functional as F
 
 from models.seg_metrics import counts, mean_scores, scores
 from models.segmenter import Segmenter, SegmenterConfig, build_network
-from models.skin_data import BACKGROUND, HAIR, SKIN, Pair, assign_splits, discover, load_pair, load_regions, select
+from models.skin_data import (BACKGROUND, HAIR, SKIN, Pair, assign_splits, discover, load_pair, load_regions, select,
+                              skin_ita)
 
 log = logging.getLogger("train_segmenter")
 
+ITA_BIN_DEGREES = 15.0
 LOSSES = ("bce_dice", "bce", "dice", "bce_lovasz")
 _LOVASZ = smp.losses.LovaszLoss("binary", per_image=True)
 
@@ -86,6 +88,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fake-backgrounds", type=float, default=0.25,
                    help="probability that a FASSEG view's background becomes a smooth skin-toned backdrop "
                         "(otherwise half the time another training photo, else kept)")
+    p.add_argument("--retone-skin", type=float, default=0.3, metavar="P",
+                   help="probability that a training view's skin is given another tone (mostly darker)")
+    p.add_argument("--tone-balance", type=float, default=0.5, metavar="POWER",
+                   help="sample each image with weight (images of its skin tone in its set)^-POWER, tones "
+                        "binned by ITA in 15-degree steps; 0 samples every image alike")
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start from this segmenter checkpoint's weights (fine-tuning); its arch and encoder "
                         "must match the flags, and decoder tensors whose shape differs start fresh")
@@ -170,19 +177,35 @@ def _skin_toned_field(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(field + rng.normal(0, rng.uniform(0.0, 0.04), field.shape).astype(np.float32), 0, 1)
 
 
+def _retone_skin(img: np.ndarray, skin: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Give the labelled skin another tone, mostly darker: lightness scaled in CIELAB, a small
+    red/yellow shift, and the edge feathered. The labelled sets hold few dark-skinned faces, and
+    a filter that misses dark skin biases every dataset built with it."""
+    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB)
+    lab[..., 0] *= math.exp(rng.uniform(math.log(0.35), math.log(1.15)))
+    lab[..., 1] += rng.uniform(-2, 5)
+    lab[..., 2] += rng.uniform(-4, 8)
+    toned = np.clip(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB), 0, 1)
+    alpha = cv2.GaussianBlur(skin.astype(np.float32), (0, 0), 1.5)[..., None]
+    return img * (1 - alpha) + toned * alpha
+
+
 def augment(image: np.ndarray, regions: np.ndarray, size: int, rng: np.random.Generator,
             donor: tuple[np.ndarray, np.ndarray] | None = None,
-            fake_backgrounds: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+            fake_backgrounds: float = 0.25, retone: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One random training view and its 0/1 target.
 
     Geometry first; then, where the labels know them, the background is replaced (FASSEG's
     plain studio walls are nothing like FFHQ's scenes) by a view of another training photo with
     that photo's skin labels, or with probability ``fake_backgrounds`` by a skin-toned backdrop,
-    and the hair is recoloured; then colour, exposure, blur, noise and JPEG artefacts.
+    and the hair is recoloured; with probability ``retone`` the skin takes another tone; then
+    colour, exposure, blur, noise and JPEG artefacts.
     """
     img, reg = _geometry(image, regions, size, rng)
     target = (reg == SKIN).astype(np.uint8)
     out = img.astype(np.float32) / 255.0
+    if target.any() and rng.random() < retone:
+        out = _retone_skin(out, target, rng)
     background = reg == BACKGROUND
     choice = rng.random()
     if background.any() and (choice < fake_backgrounds or (donor is not None and choice < fake_backgrounds + 0.5)):
@@ -241,7 +264,7 @@ def training_view(sample: tuple[np.ndarray, np.ndarray], donor: tuple[np.ndarray
         return plain_view(*sample, args.input_size)
     if args.plain_views and rng.random() < args.plain_views:
         return plain_view(*sample, args.input_size, rng)
-    return augment(*sample, args.input_size, rng, donor, args.fake_backgrounds)
+    return augment(*sample, args.input_size, rng, donor, args.fake_backgrounds, args.retone_skin)
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -270,6 +293,21 @@ def validate(segmenter: Segmenter, val: Sequence[tuple[Pair, np.ndarray, np.ndar
     out = {name: dict(mean_scores(rows), images=len(rows)) for name, rows in sorted(per_dataset.items())}
     if out:
         out["macro"] = {m: float(np.mean([v[m] for v in out.values()])) for m in ("iou", "dice", "precision", "recall")}
+    return out
+
+
+def tone_weights(pairs: Sequence[Pair], data: Sequence[tuple[np.ndarray, np.ndarray]], power: float) -> np.ndarray:
+    """Per-image sampling weights that lift rare skin tones: (count of its ITA bin in its set)^-power,
+    scaled to mean 1 within each set so the per-set weights keep their meaning."""
+    ita = np.array([skin_ita(image, regions == SKIN) for image, regions in data])
+    bins = np.where(np.isnan(ita), -1, np.floor(np.nan_to_num(ita) / ITA_BIN_DEGREES)).astype(int)
+    sets = np.array([p.dataset for p in pairs])
+    out = np.ones(len(pairs))
+    for name in set(sets):
+        mine = sets == name
+        _, inverse, sizes = np.unique(bins[mine], return_inverse=True, return_counts=True)
+        w = sizes[inverse].astype(float) ** -power
+        out[mine] = w / w.mean()
     return out
 
 
@@ -322,6 +360,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     weights = _dataset_weights(args.dataset_weight)
     sample_p = np.array([weights.get(p.dataset, 1.0) for p in train_pairs])
+    sample_p = sample_p * tone_weights(train_pairs, train_data, args.tone_balance)
     sample_p = sample_p / sample_p.sum()
 
     kwargs: dict[str, Any] = {}

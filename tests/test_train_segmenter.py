@@ -12,7 +12,8 @@ import torch
 
 from models import train_segmenter
 from models.segmenter import Segmenter
-from models.skin_data import assign_splits, colour_label_to_mask, discover, load_pair, select
+from models.skin_data import (SKIN as SKIN_REGION, Pair, assign_splits, colour_label_to_mask, discover, load_pair,
+                              select, skin_ita)
 
 NAMES = ("alice", "bruno", "chiara", "dmitri", "esther", "fatima")
 SKIN, NOSE, EYES, HAIR, BACKGROUND = (255, 255, 0), (0, 255, 255), (0, 0, 255), (127, 0, 0), (255, 0, 0)
@@ -92,6 +93,40 @@ def test_augmented_crops_are_square_and_keep_binary_masks() -> None:
         crop, target = train_segmenter.augment(image, mask, 64, rng)
         assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
         assert target.shape == (64, 64) and set(np.unique(target)) <= {0, 1}
+
+
+def test_retoned_skin_is_mostly_darker_and_the_rest_of_the_photo_untouched() -> None:
+    image, mask = _face(np.random.default_rng(0))
+    photo = image.astype(np.float32) / 255.0
+    # The feathered edge reaches a few pixels past the mask, never further.
+    far = cv2.dilate(mask, np.ones((15, 15), np.uint8)) == 0
+    before = skin_ita(image, mask)
+    after = []
+    for seed in range(10):
+        toned = train_segmenter._retone_skin(photo, mask, np.random.default_rng(seed))
+        assert np.array_equal(toned[far], photo[far])
+        after.append(skin_ita((toned * 255 + 0.5).astype(np.uint8), mask))
+    assert sum(ita < before for ita in after) >= 7
+    assert min(after) < before - 40
+
+
+def _tone_pair(dataset: str, name: str, colour: tuple[int, int, int]) -> tuple[Pair, tuple[np.ndarray, np.ndarray]]:
+    """A photo whose skin is one flat colour, with its region map."""
+    image, mask = _face(np.random.default_rng(0))
+    image[mask > 0] = colour
+    return Pair(dataset, Path(f"{name}.jpg"), Path(f"{name}.png"), "binary", name), (image, mask * SKIN_REGION)
+
+
+def test_tone_balance_lifts_rare_skin_tones_within_each_set() -> None:
+    light, dark = (230, 190, 170), (90, 60, 45)
+    pairs, data = zip(*[_tone_pair("a", f"a{i}", light) for i in range(3)], _tone_pair("a", "a_dark", dark),
+                      _tone_pair("b", "b0", light), _tone_pair("b", "b_dark", dark))
+    assert skin_ita(*data[0]) - skin_ita(*data[3]) > 2 * train_segmenter.ITA_BIN_DEGREES  # bins well apart
+    weights = train_segmenter.tone_weights(pairs, data, power=0.5)
+    assert weights[3] > weights[0] == weights[1] == weights[2]
+    assert weights[3] / weights[0] == pytest.approx(3 ** 0.5)
+    assert weights[:4].mean() == pytest.approx(1.0) and weights[4:] == pytest.approx([1.0, 1.0])
+    assert train_segmenter.tone_weights(pairs, data, power=0.0) == pytest.approx(np.ones(6))
 
 
 def test_plain_views_show_the_whole_photo_as_inference_does(tmp_path: Path) -> None:
