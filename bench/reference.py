@@ -31,8 +31,8 @@ from models.dataset import (
 )
 from models.segmenter import Segmenter
 from pipelines import build_dataset, score
-from pipelines.options import parse, resolve_tiling
-from transforms.classify import ScoredFace, score_row
+from pipelines.options import SCORE_MIN_FACE_SKIN, parse, resolve_tiling
+from transforms.classify import judge_faces, score_row
 from transforms.decode import DecodeError, decode_image
 from transforms.patches import cut_patches, encode_mask, encode_rgb, lesion_count, patch_id
 from transforms.read import expand_pattern, image_id_from_name, shard_kind
@@ -75,7 +75,7 @@ def segment(model: Segmenter, images: Sequence[np.ndarray], clock: StageClock) -
 
 
 def classify(model: Classifier, patches: Sequence[np.ndarray], batch_size: int, clock: StageClock) -> np.ndarray:
-    """``Classifier.forward_patches`` + ``probs_from_outputs``, one stage at a time."""
+    """``Classifier.forward_patches`` + ``lesions_from_outputs``, one stage at a time."""
     outputs = []
     for start in range(0, len(patches), batch_size):
         with clock("resize.classifier"):
@@ -83,7 +83,7 @@ def classify(model: Classifier, patches: Sequence[np.ndarray], batch_size: int, 
         with clock("inference.classifier"), torch.inference_mode():
             outputs.append(model.network(chunk.to(model.device)).float().cpu().numpy())
     with clock("encode"):
-        return model.probs_from_outputs(np.concatenate(outputs))
+        return model.lesions_from_outputs(np.concatenate(outputs))
 
 
 def image_files(patterns: Sequence[str]) -> list[str]:
@@ -187,18 +187,15 @@ def run_score(args: argparse.Namespace, clock: StageClock) -> Loop:
     loop = Loop(args, clock)
     classifier = Classifier.load(args.classifier_checkpoint, args.device)
     shas = (loop.segmenter.sha256, classifier.sha256)
-    classes = tuple(classifier.cfg.classes)
     scores = RowGroupWriter(str(Path(args.output) / SCORES_DIR / "part-00000.parquet"), SCORE_SCHEMA, 256, "zstd")
     pending: list[ImageRecord] = []
 
     def flush() -> None:
-        probs = classify(classifier, [p.pixels for f in pending for p in f.patches], args.classifier_batch_size, clock)
-        start = 0
-        for face in pending:
+        lesions = classify(classifier, [p.pixels for f in pending for p in f.patches], args.classifier_batch_size, clock)
+        with clock("encode"):
+            scored_faces = judge_faces(classifier, pending, lesions, args.verdict_threshold)
+        for face, scored in zip(pending, scored_faces):
             with clock("encode"):
-                mine = probs[start : start + len(face.patches)]
-                start += len(face.patches)
-                scored = ScoredFace(face, mine, classifier.patch_scores(mine), classifier.aggregate(mine), classes)
                 row = score_row(scored, args.top_patches, *shas)
             with clock("write"):
                 scores.add([row])
@@ -231,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args, _ = parse(rest, groups, f"python -m bench.reference {mine.job}", __doc__)
     if mine.job == "score":
         trained = Classifier.load(args.classifier_checkpoint).cfg
-        resolve_tiling(args, trained.patch_size, trained.min_patch_skin)
+        resolve_tiling(args, trained.patch_size, trained.min_patch_skin, SCORE_MIN_FACE_SKIN)
     else:
         resolve_tiling(args)
     if args.torch_threads:

@@ -10,7 +10,7 @@ STAGE_NOTES = {
     "inference": "network forward passes",
     "upsample": "probabilities back to full resolution, threshold",
     "patch": "integral-image tiling",
-    "encode": "patch PNG + mask PNG (build); probabilities, aggregation, rows (score)",
+    "encode": "patch PNG + mask PNG (build); lesions to verdicts, rows (score)",
     "write": "Arrow tables, Parquet",
 }
 

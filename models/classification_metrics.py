@@ -81,3 +81,41 @@ def pr_curve(y_true: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
         "average_precision": ap,
         "positive_rate": float(y.mean()) if len(y) else 0.0,
     }
+
+
+def source_rates(y_true: np.ndarray, predicted: np.ndarray, sources: Sequence[str], verdicts: Sequence[str]) -> dict[str, Any]:
+    """Per source: how often each true verdict was called acne (TPR for acne faces, FPR for clear ones)."""
+    y, hit, src = np.asarray(y_true), np.asarray(predicted, bool), np.asarray(sources)
+    out: dict[str, Any] = {}
+    for s in sorted(set(src.tolist())):
+        for v in (1, 0):
+            mine = (src == s) & (y == v)
+            if mine.any():
+                rate = float(hit[mine].mean())
+                out.setdefault(s, {})[verdicts[v]] = {
+                    "faces": int(mine.sum()), "rate_name": "TPR" if v else "FPR", "rate": rate,
+                    "correct": rate if v else 1.0 - rate,
+                }
+    return out
+
+
+def binary_verdict_report(y_true: np.ndarray, probs: np.ndarray, threshold: float, sources: Sequence[str],
+                          verdicts: Sequence[str]) -> dict[str, Any]:
+    """Clear (0) vs acne (1) per face: the pooled report, ROC AUC, and rates per source.
+
+    ``worst_source_rate`` is the lowest share of correct verdicts over every (source, truth)
+    group: a model that recognises sources instead of lesions shows up there first.
+    """
+    y = np.asarray(y_true, np.int64)
+    predicted = np.asarray(probs) >= threshold
+    by_source = source_rates(y, predicted, sources, verdicts)
+    report = classification_report(y, predicted.astype(np.int64), verdicts)
+    roc = roc_curve(y == 1, probs)
+    return dict(
+        report,
+        threshold=float(threshold),
+        roc_auc=roc["auc"] if (y == 1).any() and (y == 0).any() else float("nan"),
+        roc=roc,
+        by_source=by_source,
+        worst_source_rate=min((g["correct"] for s in by_source.values() for g in s.values()), default=float("nan")),
+    )

@@ -1,25 +1,27 @@
-"""The acne classifier: a timm patch network, the config that drives it, and face aggregation.
+"""The acne classifier: a timm lesion counter, the config that drives it, and the face verdict.
 
-A face is judged from its skin patches (Quattrini et al. 2022): the network scores every
-patch, and ``aggregate`` turns one face's patch outputs into face-level class probabilities.
+A face is judged from its skin patches (Quattrini et al. 2022). The network predicts how many
+acne lesions each patch holds; the face's ``lesion_count`` is their sum. Everything a user
+reads follows from that one number:
 
-Two kinds of patch output exist, chosen at training time:
+* ``acne_probability`` = sigmoid(acne_slope · log(1 + lesion_count) + acne_bias), calibrated
+  on validation faces;
+* ``verdict`` = ``acne`` when that probability reaches ``verdict_threshold``, else ``clear``;
+* ``severity`` = the Hayashi grade (``mild`` … ``very_severe``) of a multinomial logistic in
+  the lesion count, given only when the verdict is ``acne``: Hayashi grades are lesion-count
+  bands.
 
-* ``patch_output="label"``: the network's first ``C`` outputs are class logits (every patch
-  is trained with its face's label); faces pool the patch probabilities by ``mean``,
-  ``geomean`` or ``topk``.
-* ``patch_output="count"``: an extra output is the patch's expected lesion count ``λ``
-  (trained on the dataset's ``lesion_count``). A patch's probabilities are its *evidence*
-  ``softmax(a·λ / T)``, and the ``evidence`` aggregation adds the patches' log-evidence and a
-  face prior ``b``: ``softmax(a·Σλ + b)``, a multinomial logistic model of the face's total
-  lesion count. Severity grades such as Hayashi's are defined by lesion counts, which is why
-  this head exists; it still fits the plain ``predict_patches`` -> ``aggregate`` API.
+Deciding on lesions, not on whole-patch appearance, is what keeps the verdict from learning
+where a photo came from (phone close-ups of acne against celebrity portraits of clear skin).
+The network also has one logit per severity grade; the trainer uses them as an auxiliary
+signal on graded faces, and inference ignores them.
 
 Plain PyTorch and NumPy, no Beam: the trainer, the evaluator and the scoring job call the
 same methods.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -32,48 +34,50 @@ from models.checkpoint import CheckpointError
 from models.network import IMAGENET_MEAN, IMAGENET_STD, CheckpointedNetwork
 
 KIND = "classifier"
-PATCH_OUTPUTS = ("label", "count")
-AGGREGATIONS = ("mean", "geomean", "topk", "evidence")
-# float32 probabilities underflow below ~1e-38; keeping a patch's evidence spread under this
-# many nats lets ``aggregate`` recover the exact log-evidence from the probabilities.
-MAX_EVIDENCE_NATS = 30.0
-# The highest per-patch lesion count the evidence temperature is sized for.
-MAX_PATCH_LESIONS = 100.0
-_EPS = 1e-30
+CLEAR, ACNE = "clear", "acne"
+# Hayashi's four acne grades, least to most severe.
+SEVERITIES = ("mild", "moderate", "severe", "very_severe")
+# exp() of the log-rate output is clipped to this range: at most ~3000 lesions per patch.
+_LOG_RATE_RANGE = (-20.0, 8.0)
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """Everything needed to rebuild the network and use it the way it was trained.
+    """Everything needed to rebuild the network and turn its outputs into verdicts.
 
-    ``classes`` are ordered from least to most severe: ``patch_scores`` and the binary
-    ROC/PR curves treat the last class as the positive one.
+    ``classes`` are the severity grades, least to most severe; ``verdicts`` name the two
+    answers to the paper's question, ``(clear, acne)``. Dataset labels map (``label_map``)
+    onto a severity grade, or onto a verdict name for faces known only as acne or clear.
     """
 
-    classes: tuple[str, ...]
+    classes: tuple[str, ...] = SEVERITIES
+    verdicts: tuple[str, str] = (CLEAR, ACNE)
     arch: str = "mobilenetv3_small_100"
     input_size: int = 96
     # Side in pixels of the dataset patches it was trained on (0 = unknown or mixed): lesion
-    # counts are per patch, so scoring should cut patches of this size at the same image scale.
+    # counts are per patch, so scoring should cut patches of this size.
     patch_size: int = 0
-    # The least skin coverage of those patches (0 = unknown): the evidence aggregation sums
-    # lesions over a face's patches, so scoring must keep the same patches.
+    # The least skin coverage of those patches (0 = unknown): the face sums lesions over its
+    # patches, so scoring must keep the same patches.
     min_patch_skin: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    count_output: bool = False
-    patch_output: str = "label"
-    aggregation: str = "mean"
-    topk: int = 3
-    evidence_slopes: tuple[float, ...] = ()
-    evidence_bias: tuple[float, ...] = ()
-    evidence_temperature: float = 1.0
+    acne_slope: float = 1.0
+    acne_bias: float = 0.0
+    verdict_threshold: float = 0.5
+    severity_slopes: tuple[float, ...] = ()
+    severity_bias: tuple[float, ...] = ()
     label_map: dict[str, str] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ClassifierConfig":
+        if "acne_slope" not in raw:
+            raise CheckpointError(
+                "classifier config has no acne_slope: it predates the clear/acne verdict. Retrain it with "
+                "python -m models.train_classifier, or use the shipped default checkpoint"
+            )
         known = set(cls.__dataclass_fields__)
         try:
             cfg = cls(**{k: v for k, v in raw.items() if k in known})
@@ -81,10 +85,14 @@ class ClassifierConfig:
                 **{
                     **asdict(cfg),
                     "classes": tuple(str(c) for c in cfg.classes),
+                    "verdicts": tuple(str(c) for c in cfg.verdicts),
                     "mean": tuple(float(v) for v in cfg.mean),
                     "std": tuple(float(v) for v in cfg.std),
-                    "evidence_slopes": tuple(float(v) for v in cfg.evidence_slopes),
-                    "evidence_bias": tuple(float(v) for v in cfg.evidence_bias),
+                    "acne_slope": float(cfg.acne_slope),
+                    "acne_bias": float(cfg.acne_bias),
+                    "verdict_threshold": float(cfg.verdict_threshold),
+                    "severity_slopes": tuple(float(v) for v in cfg.severity_slopes),
+                    "severity_bias": tuple(float(v) for v in cfg.severity_bias),
                 }
             )
         except (TypeError, ValueError) as exc:
@@ -98,53 +106,64 @@ class ClassifierConfig:
         """Human-readable reasons this config cannot be used; empty when it is valid."""
         out = []
         n = len(self.classes)
-        if n < 2 or len(set(self.classes)) != n:
-            out.append(f"classes must hold at least 2 distinct labels, got {list(self.classes)}")
+        if n < 1 or len(set(self.classes)) != n:
+            out.append(f"classes (severity grades) must be distinct and at least one, got {list(self.classes)}")
+        if len(self.verdicts) != 2 or len(set(self.verdicts)) != 2 or set(self.verdicts) & set(self.classes):
+            out.append(f"verdicts must be two names, not severity grades, got {list(self.verdicts)}")
         if self.input_size < 16:
             out.append(f"input_size must be at least 16, got {self.input_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std, default=0) <= 0:
             out.append("mean/std need 3 values each, std positive")
-        if self.patch_output not in PATCH_OUTPUTS:
-            out.append(f"patch_output must be one of {PATCH_OUTPUTS}, got {self.patch_output!r}")
-        if self.aggregation not in AGGREGATIONS:
-            out.append(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.topk < 1:
-            out.append(f"topk must be >= 1, got {self.topk}")
-        if self.patch_output == "count":
-            if not self.count_output:
-                out.append("patch_output 'count' needs count_output true")
-            if self.aggregation != "evidence":
-                out.append("patch_output 'count' needs aggregation 'evidence'")
-            if len(self.evidence_slopes) != n or len(self.evidence_bias) != n:
-                out.append(f"evidence_slopes and evidence_bias need {n} values (one per class)")
-            elif max(self.evidence_slopes) == min(self.evidence_slopes):
-                out.append("evidence_slopes must not all be equal")
-            if self.evidence_temperature <= 0:
-                out.append("evidence_temperature must be positive")
-        elif self.aggregation == "evidence":
-            out.append("aggregation 'evidence' needs patch_output 'count'")
+        if not (math.isfinite(self.acne_slope) and self.acne_slope > 0 and math.isfinite(self.acne_bias)):
+            out.append(f"acne_slope must be positive (more lesions, more acne), got {self.acne_slope}")
+        if not 0.0 < self.verdict_threshold < 1.0:
+            out.append(f"verdict_threshold must lie in (0, 1), got {self.verdict_threshold}")
+        if len(self.severity_slopes) != n or len(self.severity_bias) != n:
+            out.append(f"severity_slopes and severity_bias need {n} values (one per grade)")
         return out
 
     @property
     def num_outputs(self) -> int:
-        return len(self.classes) + int(self.count_output)
+        """One logit per severity grade, then the patch's log lesion rate."""
+        return len(self.classes) + 1
 
     def to_dict(self) -> dict[str, Any]:
         return dict(asdict(self), kind=KIND)
 
 
-def build_network(cfg: ClassifierConfig) -> torch.nn.Module:
-    """Create the timm network with random weights (nothing is ever downloaded).
+@dataclass(frozen=True)
+class FaceScore:
+    """One face's answer: lesions, the calibrated acne probability, the verdict and the grade."""
 
-    Outputs ``len(classes)`` class logits, plus one log lesion rate when ``count_output``.
-    """
+    lesion_count: float
+    acne_probability: float
+    verdict: str
+    severity: str | None
+    severity_probs: tuple[float, ...]
+
+    def probabilities(self, cfg: ClassifierConfig) -> dict[str, float]:
+        """One distribution over clear and every grade: P(clear), then P(acne) · P(grade | acne)."""
+        out = {cfg.verdicts[0]: 1.0 - self.acne_probability}
+        out.update({c: self.acne_probability * p for c, p in zip(cfg.classes, self.severity_probs)})
+        return out
+
+
+def build_network(cfg: ClassifierConfig) -> torch.nn.Module:
+    """Create the timm network with random weights (nothing is ever downloaded)."""
     return timm.create_model(cfg.arch, pretrained=False, num_classes=cfg.num_outputs, **cfg.model_kwargs)
 
 
-def evidence_temperature(slopes: Sequence[float]) -> float:
-    """The temperature that keeps one patch's evidence spread within float32's range."""
-    spread = float(max(slopes) - min(slopes))
-    return max(1.0, spread * MAX_PATCH_LESIONS / MAX_EVIDENCE_NATS)
+def acne_probability(lesions: np.ndarray | float, slope: float, bias: float) -> np.ndarray:
+    """sigmoid(slope · log(1 + lesions) + bias), elementwise."""
+    z = slope * np.log1p(np.maximum(np.asarray(lesions, np.float64), 0.0)) + bias
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def severity_probs(lesions: float, slopes: Sequence[float], bias: Sequence[float]) -> np.ndarray:
+    """Grade probabilities of a face with ``lesions`` lesions: softmax(slopes · lesions + bias)."""
+    logits = np.asarray(slopes, np.float64) * lesions + np.asarray(bias, np.float64)
+    z = np.exp(logits - logits.max())
+    return z / z.sum()
 
 
 class Classifier(CheckpointedNetwork):
@@ -160,7 +179,7 @@ class Classifier(CheckpointedNetwork):
 
     @staticmethod
     def describe(cfg: ClassifierConfig) -> str:
-        return f"a {cfg.arch} network with {cfg.num_outputs} outputs (classes {list(cfg.classes)})"
+        return f"a {cfg.arch} network with {cfg.num_outputs} outputs (grades {list(cfg.classes)} and a lesion count)"
 
     def preprocess(self, patch: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 -> normalised float32 3xSxS at the model's input size."""
@@ -182,81 +201,28 @@ class Classifier(CheckpointedNetwork):
             outs.append(self.network(torch.from_numpy(chunk).to(self.device)).float().cpu().numpy())
         return np.concatenate(outs)
 
-    def probs_from_outputs(self, outputs: np.ndarray) -> np.ndarray:
-        """Patch probabilities (N, C) from raw outputs: class softmax, or count evidence."""
-        n = len(self.cfg.classes)
-        if self.cfg.patch_output == "count":
-            logits = np.outer(self.counts_from_outputs(outputs), self.cfg.evidence_slopes)
-            logits /= self.cfg.evidence_temperature
-        else:
-            logits = outputs[:, :n].astype(np.float64)
-        logits = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+    def lesions_from_outputs(self, outputs: np.ndarray) -> np.ndarray:
+        """Expected lesions per patch (N,) float64 from raw outputs."""
+        return np.exp(np.clip(outputs[:, len(self.cfg.classes)].astype(np.float64), *_LOG_RATE_RANGE))
 
-    def counts_from_outputs(self, outputs: np.ndarray) -> np.ndarray:
-        """Expected lesions per patch (N,) from raw outputs (needs ``count_output``)."""
-        if not self.cfg.count_output:
-            raise ValueError("this classifier was trained without a lesion-count output")
-        return np.exp(np.clip(outputs[:, len(self.cfg.classes)].astype(np.float64), -20.0, 8.0))
+    def predict_lesions(self, patches: Sequence[np.ndarray], batch_size: int = 256) -> np.ndarray:
+        """Expected lesions per patch (N,) float32 for RGB uint8 patches of any square size."""
+        return self.lesions_from_outputs(self.forward_patches(patches, batch_size)).astype(np.float32)
 
-    def predict_patches(self, patches: Sequence[np.ndarray]) -> np.ndarray:
-        """Per-patch probabilities (N, C) float32 for RGB uint8 patches of any square size."""
-        return self.probs_from_outputs(self.forward_patches(patches))
-
-    def predict_counts(self, patches: Sequence[np.ndarray]) -> np.ndarray:
-        """Expected lesions per patch (N,) float32 (needs ``count_output``)."""
-        return self.counts_from_outputs(self.forward_patches(patches)).astype(np.float32)
-
-    def _evidence_counts(self, patch_probs: np.ndarray) -> np.ndarray:
-        # Inverts probs_from_outputs: the log-ratio of the steepest and flattest class is a·λ/T.
-        slopes = np.asarray(self.cfg.evidence_slopes)
-        hi, lo = int(slopes.argmax()), int(slopes.argmin())
-        logp = np.log(np.maximum(patch_probs.astype(np.float64), _EPS))
-        return (logp[:, hi] - logp[:, lo]) * self.cfg.evidence_temperature / (slopes[hi] - slopes[lo])
-
-    def patch_scores(self, patch_probs: np.ndarray) -> np.ndarray:
-        """How suspicious each patch is, (P,) float32: expected lesions, or expected severity in [0, 1]."""
-        patch_probs = np.asarray(patch_probs)
-        if self.cfg.patch_output == "count":
-            return np.maximum(self._evidence_counts(patch_probs), 0.0).astype(np.float32)
-        rank = np.arange(patch_probs.shape[1], dtype=np.float64) / (patch_probs.shape[1] - 1)
-        return (patch_probs.astype(np.float64) @ rank).astype(np.float32)
-
-    def aggregate(self, patch_probs: np.ndarray) -> np.ndarray:
-        """Face-level probabilities (C,) float32 from one face's (P, C) patch probabilities."""
-        return self.aggregate_with(patch_probs, self.cfg.aggregation)
-
-    def aggregate_with(self, patch_probs: np.ndarray, aggregation: str) -> np.ndarray:
-        """``aggregate`` with an explicit method (the trainer compares them on validation)."""
-        patch_probs = np.asarray(patch_probs, dtype=np.float64)
-        if patch_probs.ndim != 2 or patch_probs.shape[1] != len(self.cfg.classes) or len(patch_probs) == 0:
-            raise ValueError(
-                f"aggregate needs a non-empty (P, {len(self.cfg.classes)}) array of patch probabilities, "
-                f"got shape {patch_probs.shape}"
-            )
-        if aggregation == "mean":
-            face = patch_probs.mean(axis=0)
-        elif aggregation == "geomean":
-            face = _softmax(np.log(np.maximum(patch_probs, _EPS)).mean(axis=0))
-        elif aggregation == "topk":
-            top = np.argsort(-self.patch_scores(patch_probs), kind="stable")[: self.cfg.topk]
-            face = patch_probs[top].mean(axis=0)
-        elif aggregation == "evidence":
-            if self.cfg.patch_output != "count":
-                raise ValueError("aggregation 'evidence' needs a classifier with patch_output 'count'")
-            total = float(self._evidence_counts(patch_probs).sum())
-            face = self.face_probs_from_count(total)
-        else:
-            raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
-        return (face / face.sum()).astype(np.float32)
-
-    def face_probs_from_count(self, total_lesions: float) -> np.ndarray:
-        """Face probabilities (C,) for a face whose patches hold ``total_lesions`` lesions."""
-        logits = np.asarray(self.cfg.evidence_slopes) * total_lesions + np.asarray(self.cfg.evidence_bias)
-        return _softmax(logits)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
+    def judge(self, patch_lesions: np.ndarray, threshold: float | None = None) -> FaceScore:
+        """The face's answer from its patches' expected lesions (``threshold`` overrides the config's)."""
+        patch_lesions = np.asarray(patch_lesions, np.float64)
+        if patch_lesions.ndim != 1 or len(patch_lesions) == 0:
+            raise ValueError(f"judge needs the expected lesions of at least one patch, got shape {patch_lesions.shape}")
+        cfg = self.cfg
+        total = float(patch_lesions.sum())
+        prob = float(acne_probability(total, cfg.acne_slope, cfg.acne_bias))
+        grades = severity_probs(total, cfg.severity_slopes, cfg.severity_bias)
+        is_acne = prob >= (cfg.verdict_threshold if threshold is None else threshold)
+        return FaceScore(
+            lesion_count=total,
+            acne_probability=prob,
+            verdict=cfg.verdicts[int(is_acne)],
+            severity=cfg.classes[int(grades.argmax())] if is_acne else None,
+            severity_probs=tuple(float(p) for p in grades),
+        )

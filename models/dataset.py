@@ -9,7 +9,10 @@ Layout under a job's ``--output``::
     patches/<split>/part-*.parquet   PATCH_SCHEMA (build_dataset)
     faces/part-*.parquet             OUTCOME_SCHEMA: one row per input image
     errors/part-*.parquet            ERROR_SCHEMA: the failed inputs, with stage and reason
-    scores/part-*.parquet            SCORE_SCHEMA (score): one row per scored or skin-less image
+    scores/part-*.parquet            SCORE_SCHEMA (score): one row per scored or skin-less image:
+                                     verdict (clear/acne), acne_probability, lesion_count,
+                                     severity (a Hayashi grade, null unless acne), probabilities
+                                     (clear and each grade, summing to 1), the top patches
     patch_scores/part-*.parquet      PATCH_SCORE_SCHEMA (score --patch-table)
     manifest.json                    written last; its presence marks the output complete
 """
@@ -86,8 +89,11 @@ SCORE_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("skin_fraction", pa.float32()),
         ("patches_used", pa.int32()),
+        ("verdict", pa.string()),
+        ("acne_probability", pa.float32()),
+        ("lesion_count", pa.float32()),
+        ("severity", pa.string()),
         ("probabilities", pa.map_(pa.string(), pa.float32())),
-        ("predicted_class", pa.string()),
         ("top_patches", pa.list_(BOX)),
         ("label", pa.string()),
         ("segmenter_sha256", pa.string()),
@@ -103,8 +109,7 @@ PATCH_SCORE_SCHEMA = pa.schema(
         ("y", pa.int32()),
         ("size", pa.int32()),
         ("skin_fraction", pa.float32()),
-        ("probabilities", pa.map_(pa.string(), pa.float32())),
-        ("score", pa.float32()),
+        ("lesions", pa.float32()),
     ]
 )
 

@@ -1,13 +1,19 @@
-"""Evaluate an acne classifier checkpoint on a build_dataset patch dataset, per face.
+"""Evaluate an acne classifier checkpoint on build_dataset patch datasets, per face.
 
-    python -m models.evaluate_classifier DATASET [--checkpoint PATH] [--split NAME|all]
-                                         [--json OUT] [--plots DIR]
+    python -m models.evaluate_classifier [NAME=]DATASET... [--checkpoint PATH]
+                                         [--split validation,test] [--json OUT] [--plots DIR]
 
-Every face's patches go through ``Classifier.predict_patches`` and ``Classifier.aggregate``
-(exactly what the scoring job does). Prints accuracy, macro-F1, per-class precision/recall/F1
-and the confusion matrix; for two classes also ROC and PR curves with their areas. The
-dataset's labels pass through the checkpoint's label map, so a binary checkpoint evaluates
-on a graded dataset directly.
+Every face's patches go through ``Classifier.predict_lesions`` and ``Classifier.judge``
+(exactly what the scoring job does). Reports, in this order:
+
+* the binary task, clear vs acne: macro-F1, ROC AUC and the confusion matrix, pooled; then
+  the rate per source (TPR on each acne source, FPR on each clear source) and per dataset
+  (a source at one scale), because a pooled figure can hide a model that recognises sources;
+* severity on the faces that carry a grade (ACNE04): accuracy, macro-F1, per grade.
+
+``--plots`` writes verdict_confusion_matrix.png, severity_confusion_matrix.png, roc.png and
+errors_sheet.png, a contact sheet of the false positives and false negatives with their most
+suspicious patches outlined. Dataset labels pass through the checkpoint's label map.
 """
 from __future__ import annotations
 
@@ -17,16 +23,25 @@ import logging
 import sys
 from typing import Any, Sequence
 
+import cv2
 import fsspec
 import numpy as np
 
 from models import defaults
-from models.classification_metrics import classification_report, pr_curve, roc_curve
+from models.classification_metrics import binary_verdict_report, classification_report, source_rates
 from models.classifier import Classifier
-from models.patch_data import load_patch_set, map_labels, parse_label_map
+from models.patch_data import PatchSet, decode_rgb, face_verdicts, load_sources
 
 DEFAULT_CHECKPOINT = defaults.CLASSIFIER
+SHEET_TILE = 220
 log = logging.getLogger("evaluate_classifier")
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability strictly between 0 and 1")
+    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -35,89 +50,150 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("dataset", help="build_dataset output (local path or fsspec URL)")
+    p.add_argument("datasets", nargs="+", metavar="[NAME=]DATASET",
+                   help="build_dataset outputs (local paths or fsspec URLs); NAME@SCALE names a source at a scale")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="classifier checkpoint folder or URL")
-    p.add_argument("--split", default="validation", help="train, validation, test, or all (every split pooled)")
-    p.add_argument("--json", default=None, help="write every number (metrics, curves, per-face predictions) here")
-    p.add_argument("--plots", default=None, help="folder for confusion_matrix.png (and roc.png, pr.png when binary)")
-    p.add_argument(
-        "--group",
-        default="",
-        help="score a coarser task with the same checkpoint: map its classes into groups, e.g. '0,1->0;2,3->1' "
-        "(face probabilities of a group are summed; labels are mapped the same way)",
-    )
+    p.add_argument("--split", default="validation,test",
+                   help="splits to score, comma-separated, or 'all'; the default never includes training faces")
+    p.add_argument("--threshold", type=_probability, default=None,
+                   help="acne probability that makes a face 'acne' (default: the checkpoint's calibrated one)")
+    p.add_argument("--json", default=None, help="write every number (metrics, curves, per-face verdicts) here")
+    p.add_argument("--plots", default=None,
+                   help="folder for verdict_confusion_matrix.png, severity_confusion_matrix.png, roc.png and "
+                        "errors_sheet.png")
+    p.add_argument("--sheet-faces", type=int, default=12, help="false positives and false negatives on the sheet, each")
     p.add_argument("--device", default="cpu", help="torch device")
     return p.parse_args(argv)
 
 
-def evaluate(dataset: str, clf: Classifier, split: str, group: str = "") -> dict[str, Any]:
-    """Per-face predictions and metrics of ``clf`` on one split (or ``all``) of ``dataset``.
+def judge_faces(data: PatchSet, clf: Classifier, threshold: float | None) -> list[dict[str, Any]]:
+    """Every face's answer, with its three most suspicious patches."""
+    lesions = clf.predict_lesions(list(data.pixels))
+    labels = [None if lab is None else clf.cfg.label_map.get(lab, lab) for lab in data.face_labels]
+    verdict, grade = face_verdicts(labels, clf.cfg.classes, clf.cfg.verdicts)
+    faces = []
+    for f, idx in enumerate(data.face_patches()):
+        answer = clf.judge(lesions[idx], threshold)
+        top = idx[np.argsort(-lesions[idx], kind="stable")[:3]]
+        faces.append({
+            "image_id": data.face_ids[f],
+            "dataset": data.face_datasets[f],
+            "source": data.face_sources[f],
+            "source_uri": data.face_uris[f],
+            "true_verdict": None if verdict[f] < 0 else clf.cfg.verdicts[verdict[f]],
+            "true_severity": None if grade[f] < 0 else clf.cfg.classes[grade[f]],
+            "verdict": answer.verdict,
+            "acne_probability": round(answer.acne_probability, 6),
+            "lesion_count": round(answer.lesion_count, 3),
+            "severity": answer.severity,
+            "severity_by_count": clf.cfg.classes[int(np.argmax(answer.severity_probs))],
+            "patches": int(len(idx)),
+            "top_patches": [dict(zip(("x", "y", "size"), data.boxes[i].tolist()), lesions=round(float(lesions[i]), 3))
+                            for i in top],
+        })
+    return faces
 
-    ``group`` (a label map over the checkpoint's classes) evaluates a coarser task: grouped
-    face probabilities are summed.
-    """
-    data = load_patch_set(dataset, split, clf.cfg.input_size)
-    own = list(clf.cfg.classes)
-    grouping = parse_label_map(group)
-    merged = map_labels(own, grouping)
-    classes = list(dict.fromkeys(merged))
-    to_group = np.zeros((len(own), len(classes)))
-    to_group[np.arange(len(own)), [classes.index(c) for c in merged]] = 1.0
-    labels = map_labels(map_labels(data.face_labels, clf.cfg.label_map), grouping)
-    unknown = sorted({lab for lab in labels if lab is not None and lab not in classes})
-    if unknown:
-        raise ValueError(f"dataset labels {unknown} are not classes of this checkpoint ({classes})")
+
+def evaluate(datasets: Sequence[str], clf: Classifier, split: str, threshold: float | None = None) -> dict[str, Any]:
+    """Per-face verdicts and metrics of ``clf`` on the given splits of ``datasets``."""
+    data = load_sources(datasets, split, clf.cfg.input_size)
+    if not len(data):
+        raise ValueError(f"no patches in split {split!r} of {list(datasets)}")
     sizes = sorted(set(data.boxes[:, 2].tolist()))
     if clf.cfg.patch_size and sizes != [clf.cfg.patch_size]:
-        log.warning(
-            "dataset patches are %s px but the classifier was trained on %d px patches: lesion scale and counts "
-            "per patch differ, expect worse results; rebuild the dataset with --patch-size %d",
-            sizes,
-            clf.cfg.patch_size,
-            clf.cfg.patch_size,
-        )
-    probs = clf.predict_patches(list(data.pixels))
-    faces = []
-    for face, idx in enumerate(data.face_patches()):
-        face_probs = clf.aggregate(probs[idx]) @ to_group
-        scores = clf.patch_scores(probs[idx])
-        top = idx[int(np.argmax(scores))]
-        faces.append(
-            {
-                "image_id": data.face_ids[face],
-                "label": labels[face],
-                "predicted": classes[int(face_probs.argmax())],
-                "probabilities": dict(zip(classes, face_probs.round(6).tolist())),
-                "patches": int(len(idx)),
-                "most_suspicious_patch": dict(zip(("x", "y", "size"), data.boxes[top].tolist()), score=float(scores.max())),
-            }
-        )
-    labelled = [f for f in faces if f["label"] is not None]
-    if not labelled:
-        raise ValueError(f"split {split!r} of {dataset} has no labelled faces to evaluate")
-    y_true = np.array([classes.index(f["label"]) for f in labelled])
-    face_probs = np.array([[f["probabilities"][c] for c in classes] for f in labelled])
+        log.warning("dataset patches are %s px but the classifier was trained on %d px patches: lesion counts per "
+                    "patch differ, expect worse results; rebuild with --patch-size %d", sizes, clf.cfg.patch_size,
+                    clf.cfg.patch_size)
+    faces = judge_faces(data, clf, threshold)
+    cut = clf.cfg.verdict_threshold if threshold is None else threshold
+    known = [f for f in faces if f["true_verdict"] is not None]
+    if not known:
+        raise ValueError(f"split {split!r} of {list(datasets)} has no face labelled with a grade or a verdict")
+    y = np.array([clf.cfg.verdicts.index(f["true_verdict"]) for f in known])
+    probs = np.array([f["acne_probability"] for f in known])
     result: dict[str, Any] = {
-        "dataset": dataset,
+        "datasets": list(datasets),
         "split": split,
         "checkpoint_sha256": clf.sha256,
-        "aggregation": clf.cfg.aggregation,
-        "group": grouping,
         "patch_sizes": sizes,
-        "unlabelled_faces": len(faces) - len(labelled),
-        **classification_report(y_true, face_probs.argmax(1), classes),
+        "unlabelled_faces": len(faces) - len(known),
+        "binary": binary_verdict_report(y, probs, cut, [f["source"] for f in known], clf.cfg.verdicts),
     }
-    if len(classes) == 2:
-        positive = face_probs[:, 1]
-        result["positive_class"] = classes[1]
-        result["roc"] = roc_curve(y_true == 1, positive)
-        result["pr"] = pr_curve(y_true == 1, positive)
+    result["binary"]["by_dataset"] = source_rates(y, probs >= cut, [f["dataset"] for f in known], clf.cfg.verdicts)
+    graded = [f for f in faces if f["true_severity"] is not None]
+    if graded:
+        classes = list(clf.cfg.classes)
+        truth = np.array([classes.index(f["true_severity"]) for f in graded])
+        pred = np.array([classes.index(f["severity_by_count"]) for f in graded])
+        severity = classification_report(truth, pred, classes)
+        names = np.array([f["dataset"] for f in graded])
+        severity["by_dataset"] = {
+            d: {k: v for k, v in classification_report(truth[names == d], pred[names == d], classes).items()
+                if k in ("faces", "accuracy", "macro_f1")}
+            for d in sorted(set(names.tolist()))
+        }
+        result["severity"] = severity
     result["faces_detail"] = faces
     return result
 
 
-def save_plots(result: dict[str, Any], folder: str) -> list[str]:
-    """Confusion matrix (and ROC/PR for binary) as PNGs under ``folder``; returns their URLs."""
+def _read_face(uri: str) -> np.ndarray | None:
+    try:
+        with fsspec.open(uri.split("#")[0], "rb") as f:
+            return decode_rgb(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def error_sheet(faces: Sequence[dict[str, Any]], limit: int) -> np.ndarray | None:
+    """False positives (top row block) and false negatives, each with its top patches outlined."""
+    wrong = [f for f in faces if f["true_verdict"] is not None and f["verdict"] != f["true_verdict"]]
+    fps = sorted((f for f in wrong if f["verdict"] == "acne"), key=lambda f: -f["acne_probability"])[:limit]
+    fns = sorted((f for f in wrong if f["verdict"] != "acne"), key=lambda f: f["acne_probability"])[:limit]
+    tiles = []
+    for kind, group in (("FP", fps), ("FN", fns)):
+        for face in group:
+            image = _read_face(face["source_uri"])
+            if image is None:
+                image = np.full((SHEET_TILE, SHEET_TILE, 3), 200, np.uint8)
+            else:
+                image = image.copy()
+                thick = max(2, image.shape[0] // 200)
+                for box in face["top_patches"]:
+                    x, y, s = box["x"], box["y"], box["size"]
+                    cv2.rectangle(image, (x, y), (x + s - 1, y + s - 1), (255, 40, 40), thick)
+            scale = SHEET_TILE / max(image.shape[:2])
+            small = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+                               interpolation=cv2.INTER_AREA)
+            tile = np.full((SHEET_TILE + 34, SHEET_TILE, 3), 255, np.uint8)
+            tile[:small.shape[0], :small.shape[1]] = small
+            lines = (f"{kind} {face['dataset']}", f"p={face['acne_probability']:.2f} lesions={face['lesion_count']:.1f}")
+            for row, text in enumerate(lines):
+                cv2.putText(tile, text[:32], (3, SHEET_TILE + 13 + 15 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.42,
+                            (0, 0, 0), 1, cv2.LINE_AA)
+            tiles.append(tile)
+    if not tiles:
+        return None
+    cols = 6
+    tiles += [np.full_like(tiles[0], 255)] * (-len(tiles) % cols)
+    return np.vstack([np.hstack(tiles[i:i + cols]) for i in range(0, len(tiles), cols)])
+
+
+def _confusion_plot(plt: Any, cm: np.ndarray, classes: Sequence[str], title: str) -> Any:
+    fig, ax = plt.subplots(figsize=(1.3 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return fig
+
+
+def save_plots(result: dict[str, Any], folder: str, sheet_faces: int = 12) -> list[str]:
+    """The confusion matrices, the ROC curve and the error sheet as PNGs under ``folder``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,6 +203,12 @@ def save_plots(result: dict[str, Any], folder: str) -> list[str]:
     fs.makedirs(path, exist_ok=True)
     written = []
 
+    def _write(name: str, data: bytes) -> None:
+        uri = folder.rstrip("/") + "/" + name
+        with fsspec.open(uri, "wb") as f:
+            f.write(data)
+        written.append(uri)
+
     def _save(fig: Any, name: str) -> None:
         uri = folder.rstrip("/") + "/" + name
         with fsspec.open(uri, "wb") as f:
@@ -134,53 +216,52 @@ def save_plots(result: dict[str, Any], folder: str) -> list[str]:
         plt.close(fig)
         written.append(uri)
 
-    cm = np.asarray(result["confusion_matrix"])
-    classes = result["classes"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{result['split']}: acc {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}")
-    _save(fig, "confusion_matrix.png")
-    if "roc" in result:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        ax.plot(result["roc"]["fpr"], result["roc"]["tpr"], label=f"AUC {result['roc']['auc']:.3f}")
-        ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel(f"true positive rate ({result['positive_class']})")
-        ax.legend(loc="lower right")
-        _save(fig, "roc.png")
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        ax.step(result["pr"]["recall"], result["pr"]["precision"], where="post", label=f"AP {result['pr']['average_precision']:.3f}")
-        ax.axhline(result["pr"]["positive_rate"], linestyle=":", color="grey")
-        ax.set_xlabel(f"recall ({result['positive_class']})")
-        ax.set_ylabel("precision")
-        ax.set_ylim(0, 1.02)
-        ax.legend(loc="lower left")
-        _save(fig, "pr.png")
+    b = result["binary"]
+    _save(_confusion_plot(plt, np.asarray(b["confusion_matrix"]), b["classes"],
+                          f"clear vs acne: macro-F1 {b['macro_f1']:.3f}, AUC {b['roc_auc']:.3f}"),
+          "verdict_confusion_matrix.png")
+    if "severity" in result:
+        s = result["severity"]
+        _save(_confusion_plot(plt, np.asarray(s["confusion_matrix"]), s["classes"],
+                              f"severity: acc {s['accuracy']:.3f}, macro-F1 {s['macro_f1']:.3f}"),
+              "severity_confusion_matrix.png")
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(b["roc"]["fpr"], b["roc"]["tpr"], label=f"AUC {b['roc_auc']:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false positive rate (clear faces called acne)")
+    ax.set_ylabel("true positive rate (acne faces found)")
+    ax.legend(loc="lower right")
+    _save(fig, "roc.png")
+    sheet = error_sheet(result["faces_detail"], sheet_faces)
+    if sheet is not None:
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+        if ok:
+            _write("errors_sheet.png", buf.tobytes())
     return written
 
 
 def summary(result: dict[str, Any]) -> str:
     """The human-readable report printed to stdout."""
+    b = result["binary"]
     lines = [
-        f"split {result['split']}: {result['faces']} labelled faces, aggregation {result['aggregation']}",
-        f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}",
-        "class        precision  recall     F1  support",
+        f"split {result['split']}: {b['faces']} faces with a known verdict, threshold {b['threshold']:.2f}",
+        f"clear vs acne: macro-F1 {b['macro_f1']:.4f}  ROC AUC {b['roc_auc']:.4f}  accuracy {b['accuracy']:.4f}",
+        "confusion matrix (rows true, columns predicted): " + " ".join(b["classes"]),
+        *("  " + " ".join(f"{v:5d}" for v in row) for row in b["confusion_matrix"]),
+        f"{'source / dataset':<26}{'truth':<8}{'faces':>6}  rate",
     ]
-    for c, m in result["per_class"].items():
-        lines.append(f"{c:<12} {m['precision']:9.4f} {m['recall']:7.4f} {m['f1']:6.4f} {m['support']:8d}")
-    lines.append("confusion matrix (rows true, columns predicted): " + " ".join(result["classes"]))
-    lines += ["  " + " ".join(f"{v:5d}" for v in row) for row in result["confusion_matrix"]]
-    if "roc" in result:
-        lines.append(
-            f"positive class {result['positive_class']}: ROC AUC {result['roc']['auc']:.4f}, "
-            f"average precision {result['pr']['average_precision']:.4f}"
-        )
+    for key in ("by_source", "by_dataset"):
+        for name, groups in b[key].items():
+            for truth, g in groups.items():
+                lines.append(f"{name:<26}{truth:<8}{g['faces']:>6}  {g['rate_name']} {g['rate']:.3f}")
+    if "severity" in result:
+        s = result["severity"]
+        lines += [f"severity on {s['faces']} graded faces: accuracy {s['accuracy']:.4f}  macro-F1 {s['macro_f1']:.4f}",
+                  "grade        precision  recall     F1  support"]
+        lines += [f"{c:<12} {m['precision']:9.4f} {m['recall']:7.4f} {m['f1']:6.4f} {m['support']:8d}"
+                  for c, m in s["per_class"].items()]
+        lines += [f"  {d}: {v['faces']} faces, accuracy {v['accuracy']:.4f}, macro-F1 {v['macro_f1']:.4f}"
+                  for d, v in s["by_dataset"].items()]
     return "\n".join(lines)
 
 
@@ -188,11 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     args = parse_args(argv)
     clf = Classifier.load(args.checkpoint, device=args.device)
-    log.info("checkpoint %s (sha256 %s), classes %s", args.checkpoint, clf.sha256[:12], list(clf.cfg.classes))
-    result = evaluate(args.dataset, clf, args.split, args.group)
+    log.info("checkpoint %s (sha256 %s), verdicts %s, grades %s", args.checkpoint, clf.sha256[:12],
+             list(clf.cfg.verdicts), list(clf.cfg.classes))
+    result = evaluate(args.datasets, clf, args.split, args.threshold)
     result["checkpoint"] = args.checkpoint
     if args.plots:
-        result["plots"] = save_plots(result, args.plots)
+        result["plots"] = save_plots(result, args.plots, args.sheet_faces)
     print(summary(result))
     if args.json:
         with fsspec.open(args.json, "wt") as f:

@@ -1,7 +1,9 @@
 """Patch datasets in memory, for the classifier's trainer and evaluator.
 
-Reads a build_dataset output through ``models.dataset`` and decodes every patch once into
-one uint8 array at the network's input size, grouped by face.
+Reads build_dataset outputs through ``models.dataset`` and decodes every patch once into
+one uint8 array at the network's input size, grouped by face. Several outputs load as one
+set, each face remembering the source it came from: rates are reported per source, because a
+pooled figure hides a model that only recognises where a photo was taken.
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
+import pyarrow as pa
 
 from models.dataset import SPLITS, read_manifest, read_patches
 
-COLUMNS = ["image_id", "split", "label", "x", "y", "size", "lesion_count", "image"]
+COLUMNS = ["image_id", "split", "label", "x", "y", "size", "lesion_count", "image", "source_uri"]
 
 
 @dataclass
@@ -27,6 +30,13 @@ class PatchSet:
     boxes: np.ndarray  # (N, 3) int: x, y, size of each patch in its face
     face_ids: list[str]
     face_labels: list[str | None]  # the dataset's raw label per face
+    face_uris: list[str]  # where each face's image was read from
+    face_datasets: list[str]  # the name of the dataset each face came from
+
+    @property
+    def face_sources(self) -> list[str]:
+        """Each face's source: its dataset name without the ``@scale`` suffix."""
+        return [source_of(name) for name in self.face_datasets]
 
     def __len__(self) -> int:
         return len(self.face)
@@ -46,6 +56,25 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def face_verdicts(labels: Sequence[str | None], classes: Sequence[str], verdicts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Mapped face labels -> (verdict index: 0 clear, 1 acne, -1 unknown; grade index or -1).
+
+    A severity grade means acne of that grade; a verdict name means just that.
+    """
+    unknown = sorted({lab for lab in labels if lab is not None and lab not in classes and lab not in verdicts})
+    if unknown:
+        raise ValueError(f"labels {unknown} are neither grades {list(classes)} nor verdicts {list(verdicts)}; "
+                         "map them with --label-map")
+    verdict = np.array([-1 if lab is None else 1 if lab in classes else verdicts.index(lab) for lab in labels])
+    grade = np.array([classes.index(lab) if lab in classes else -1 for lab in labels])
+    return verdict.astype(np.int64), grade.astype(np.int64)
+
+
+def face_totals(per_patch: np.ndarray, data: PatchSet) -> np.ndarray:
+    """Per-face sums of a per-patch quantity, in face_ids order (faces with no patch sum to 0)."""
+    return np.bincount(data.face, weights=per_patch, minlength=len(data.face_ids))
+
+
 def check_splits_disjoint(root: str) -> None:
     """Refuse a dataset where a face appears in more than one split (it would leak)."""
     table = read_patches(root, "all", columns=["image_id", "split"])
@@ -58,21 +87,42 @@ def check_splits_disjoint(root: str) -> None:
             )
 
 
-def load_patch_set(root: str, split: str, input_size: int) -> PatchSet:
-    """Read and decode one split (or ``all``) of a finished build_dataset output."""
+def source_of(dataset_name: str) -> str:
+    """``acne04@0.5`` -> ``acne04``: copies of one source at other scales are still that source."""
+    return dataset_name.split("@", 1)[0]
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str]:
+    """``NAME=URI`` or a bare URI (named after its last path component) -> (name, uri)."""
+    name, sep, uri = spec.partition("=")
+    if not sep or "://" in name or "/" in name:
+        uri = spec
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if not name or not uri:
+        raise ValueError(f"dataset {spec!r} is not NAME=PATH or PATH")
+    return name, uri
+
+
+def load_patch_set(root: str, split: str, input_size: int, name: str = "") -> PatchSet:
+    """Read and decode one split (``all``, or several joined by commas) of a finished build_dataset output."""
     read_manifest(root)
-    if split != "all" and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS} or 'all'")
-    table = read_patches(root, split, columns=COLUMNS)
+    splits = SPLITS if split == "all" else tuple(s.strip() for s in split.split(","))
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown split {unknown}; choose from {SPLITS} or 'all'")
+    table = pa.concat_tables([read_patches(root, s, columns=COLUMNS) for s in splits])
     face_ids: list[str] = []
     face_labels: list[str | None] = []
+    face_uris: list[str] = []
     index: dict[str, int] = {}
     face = np.zeros(table.num_rows, np.int64)
-    for i, (image_id, label) in enumerate(zip(table.column("image_id").to_pylist(), table.column("label").to_pylist())):
+    columns = (table.column(c).to_pylist() for c in ("image_id", "label", "source_uri"))
+    for i, (image_id, label, uri) in enumerate(zip(*columns)):
         if image_id not in index:
             index[image_id] = len(face_ids)
             face_ids.append(image_id)
             face_labels.append(label)
+            face_uris.append(uri)
         face[i] = index[image_id]
     pixels = np.zeros((table.num_rows, input_size, input_size, 3), np.uint8)
     for i, cell in enumerate(table.column("image").to_pylist()):
@@ -82,7 +132,36 @@ def load_patch_set(root: str, split: str, input_size: int) -> PatchSet:
         [np.nan if v is None else float(v) for v in table.column("lesion_count").to_pylist()], np.float32
     )
     boxes = np.stack([np.asarray(table.column(c).to_pylist(), np.int64) for c in ("x", "y", "size")], axis=1)
-    return PatchSet(pixels, face, lesions, boxes.reshape(-1, 3), face_ids, face_labels)
+    name = name or root.rstrip("/").rsplit("/", 1)[-1]
+    return PatchSet(pixels, face, lesions, boxes.reshape(-1, 3), face_ids, face_labels, face_uris,
+                    [name] * len(face_ids))
+
+
+def concat(sets: Sequence[PatchSet]) -> PatchSet:
+    """One set from several; faces stay distinct (the same id in two datasets is two faces)."""
+    offsets = np.cumsum([0] + [len(s.face_ids) for s in sets])
+    return PatchSet(
+        pixels=np.concatenate([s.pixels for s in sets]),
+        face=np.concatenate([s.face + off for s, off in zip(sets, offsets)]),
+        lesions=np.concatenate([s.lesions for s in sets]),
+        boxes=np.concatenate([s.boxes for s in sets]),
+        face_ids=[i for s in sets for i in s.face_ids],
+        face_labels=[lab for s in sets for lab in s.face_labels],
+        face_uris=[u for s in sets for u in s.face_uris],
+        face_datasets=[d for s in sets for d in s.face_datasets],
+    )
+
+
+def load_sources(specs: Sequence[str], split: str, input_size: int) -> PatchSet:
+    """Several build_dataset outputs (``NAME=PATH`` or ``PATH``), one split each, as one set.
+
+    A dataset with no patches in the split adds nothing.
+    """
+    named = [parse_dataset_spec(s) for s in specs]
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two datasets share a name in {names}; name them NAME=PATH")
+    return concat([load_patch_set(uri, split, input_size, name) for name, uri in named])
 
 
 def parse_label_map(spec: str) -> dict[str, str]:

@@ -1,12 +1,18 @@
-"""Train the acne classifier on a build_dataset patch dataset.
+"""Train the acne classifier on one or more build_dataset patch datasets.
 
-    python -m models.train_classifier DATASET --output CHECKPOINT_DIR [options]
+    python -m models.train_classifier [NAME=]DATASET... --output CHECKPOINT_DIR [options]
 
-Trains on the ``train`` split, picks the epoch and the face aggregation on ``validation``
-(per-face macro-F1 by default), and writes the checkpoint plus a metrics JSON. Labels can be
-binary or graded; ``--label-map "0,1->0;2,3->1"`` regroups them. When the dataset carries
-``lesion_count`` per patch, the network also learns each patch's lesion count (Poisson
-loss), and the ``evidence`` aggregation grades a face by its total predicted lesions.
+The network learns each patch's lesion count (Poisson loss) from mixed supervision: patches
+of faces with VOC boxes carry their counts, patches of faces labelled ``clear`` count zero
+lesions, and faces with a severity grade also train one grade logit per patch (an auxiliary
+signal). Every epoch is scored on the ``validation`` split of every dataset: the acne
+probability is calibrated there (a logistic in log(1 + lesions), each source weighted
+alike), the verdict threshold is the one whose worst per-source rate is best, and the
+severity curve is fitted on graded train faces. The epoch kept is the best on binary
+macro-F1 plus a quarter of the severity macro-F1.
+
+Datasets are named ``NAME=PATH`` or after their folder; ``acne04@0.5`` is the source
+``acne04`` at another scale (see ``models.prepare_acne_data``).
 """
 from __future__ import annotations
 
@@ -26,107 +32,68 @@ import torch
 import torch.nn.functional as F
 
 from models.checkpoint import load_checkpoint
-from models.classification_metrics import classification_report
+from models.classification_metrics import binary_verdict_report, classification_report
 from models.classifier import (
-    AGGREGATIONS,
-    KIND,
+    SEVERITIES,
     Classifier,
     ClassifierConfig,
+    acne_probability,
     build_network,
-    evidence_temperature,
+    severity_probs,
 )
 from models.dataset import read_manifest
 from models.patch_data import (
     PatchSet,
     check_splits_disjoint,
-    load_patch_set,
-    map_labels,
-    order_classes,
+    face_totals,
+    face_verdicts,
+    load_sources,
+    parse_dataset_spec,
     parse_label_map,
 )
 
 log = logging.getLogger("train_classifier")
+# Weight of the severity macro-F1 next to the binary macro-F1 when epochs are compared: the
+# verdict is the question, the grade comes second.
+SEVERITY_SELECTION_WEIGHT = 0.25
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m models.train_classifier",
-        description=__doc__.split("\n\n")[0] + " Face metrics are computed by aggregating patch outputs per face.",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("dataset", help="build_dataset output (local path or fsspec URL) with patches/{train,validation}")
+    p.add_argument("datasets", nargs="+", metavar="[NAME=]DATASET",
+                   help="build_dataset outputs (local paths or fsspec URLs) with patches/{train,validation}")
     p.add_argument("--output", required=True, help="checkpoint folder to write (local path or fsspec URL)")
     p.add_argument("--metrics", default=None, help="metrics JSON to write; default: <output>/metrics.json")
     p.add_argument("--arch", default="mobilenetv3_small_100", help="timm model name (built with random weights)")
     p.add_argument("--input-size", type=int, default=96, help="patches are resized (INTER_AREA) to this square size")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs; 0 only fits the aggregation (with --init)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs; 0 only calibrates (with --init)")
+    p.add_argument("--epoch-patches", type=int, default=20000,
+                   help="patches drawn per epoch, every source equally likely (0 = every patch once)")
+    p.add_argument("--source-weight", action="append", default=[], metavar="SOURCE=W",
+                   help="draw a source's patches W times as often (repeatable)")
     p.add_argument("--batch-size", type=int, default=64, help="patches per optimisation step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (one-cycle schedule)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
-    p.add_argument(
-        "--label-map",
-        default="",
-        help="regroup dataset labels, e.g. '0,1->0;2,3->1' (groups separated by ';'); every label must be mapped",
-    )
-    p.add_argument(
-        "--classes",
-        default="",
-        help="comma-separated class order, least to most severe; default: the (mapped) labels in the data, "
-        "numerically sorted when numeric",
-    )
-    p.add_argument(
-        "--lesion-target",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="also learn each patch's lesion_count; auto = on when every training patch has one",
-    )
-    p.add_argument("--count-weight", type=float, default=1.0, help="weight of the lesion-count loss")
-    p.add_argument("--label-weight", type=float, default=1.0, help="weight of the patch label loss")
-    p.add_argument(
-        "--aggregation",
-        choices=("auto", *AGGREGATIONS),
-        default="auto",
-        help="how patch outputs become a face decision; auto = the best on validation "
-        "(evidence needs the lesion target)",
-    )
-    p.add_argument("--topk", type=int, default=3, help="patches averaged by the topk aggregation")
-    p.add_argument(
-        "--select-metric", choices=("macro_f1", "accuracy"), default="macro_f1", help="validation metric for selection"
-    )
-    p.add_argument(
-        "--balance",
-        choices=("faces", "none"),
-        default="faces",
-        help="class imbalance: 'faces' weighs every class equally (inverse face frequency) in the loss and "
-        "the evidence fit",
-    )
-    p.add_argument(
-        "--max-patches-per-face", type=int, default=0, help="random patches per face per epoch (0 = all); speeds up"
-    )
-    p.add_argument(
-        "--calibration-faces",
-        type=int,
-        default=300,
-        help="train faces the per-epoch evidence fit uses (0 = all); the selected epoch is refitted on all",
-    )
-    p.add_argument(
-        "--init",
-        default=None,
-        help="classifier checkpoint to start from (same arch). With another class set the class logits restart "
-        "but the lesion-count output is kept, so '--init CKPT --epochs 0 --label-map ...' refits only the "
-        "evidence aggregation for new labels",
-    )
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
+    p.add_argument("--label-map", default="",
+                   help="map dataset labels onto grades or verdicts, e.g. '0->mild;1->moderate;2->severe;"
+                        "3->very_severe;face->clear'; unmapped labels pass through unchanged")
+    p.add_argument("--classes", default=",".join(SEVERITIES), help="severity grades, least to most severe")
+    p.add_argument("--count-weight", type=float, default=3.0, help="weight of the lesion-count (Poisson) loss")
+    p.add_argument("--label-weight", type=float, default=0.3, help="weight of the auxiliary grade loss")
+    p.add_argument("--calibration-faces", type=int, default=300,
+                   help="graded train faces the per-epoch severity fit uses (0 = all); the kept epoch is refitted on all")
+    p.add_argument("--init", default=None,
+                   help="classifier checkpoint to start from (same arch and input size); tensors whose shape "
+                        "fits are reused")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     return p.parse_args(argv)
-
-
-def _labels_to_index(labels: Sequence[str | None], classes: Sequence[str], split: str) -> np.ndarray:
-    unknown = sorted({lab for lab in labels if lab is not None and lab not in classes})
-    if unknown:
-        raise ValueError(f"{split} labels {unknown} are not among the classes {list(classes)}; fix --classes")
-    return np.array([-1 if lab is None else classes.index(lab) for lab in labels], np.int64)
 
 
 def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -140,8 +107,10 @@ def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (batch * gain + shift).clamp(0, 255)
 
 
-def fit_evidence(totals: np.ndarray, y: np.ndarray, n_classes: int, class_weight: np.ndarray) -> tuple[list, list]:
-    """Multinomial logistic regression of face class on total lesions: slopes and biases per class."""
+def fit_severity(totals: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[list[float], list[float]]:
+    """Multinomial logistic regression of the grade on total lesions, grades weighted alike."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    class_weight = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
     scale = max(float(np.median(totals)), 1.0)
     x = torch.tensor(totals / scale, dtype=torch.float64)
     target = torch.tensor(y)
@@ -161,78 +130,131 @@ def fit_evidence(totals: np.ndarray, y: np.ndarray, n_classes: int, class_weight
     return (a.detach().numpy() / scale).tolist(), b.detach().numpy().tolist()
 
 
+def source_balanced_weights(y: np.ndarray, sources: Sequence[str]) -> np.ndarray:
+    """Face weights under which every source, and within the pool both verdicts, weigh the same."""
+    sources = np.asarray(sources)
+    w = np.zeros(len(y))
+    for s in set(sources.tolist()):
+        mine = sources == s
+        w[mine] = 1.0 / mine.sum()
+    for v in (0, 1):
+        if (y == v).any():
+            w[y == v] *= 0.5 / w[y == v].sum()
+    return w
+
+
+def fit_acne_calibration(totals: np.ndarray, y: np.ndarray, sources: Sequence[str]) -> tuple[float, float]:
+    """Weighted logistic regression of acne (1) vs clear (0) on log(1 + lesions): (slope, bias).
+
+    The slope is kept positive: more lesions never lower the acne probability.
+    """
+    x = np.log1p(np.maximum(totals, 0.0))
+    w = source_balanced_weights(y, sources)
+    slope, bias = 1.0, -float(np.median(x))
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-(slope * x + bias)))
+        g = w * (p - y)
+        h = w * p * (1 - p)
+        grad = np.array([g @ x + 1e-3 * slope, g.sum()])
+        hess = np.array([[h @ (x * x) + 1e-3, h @ x], [h @ x, h.sum() + 1e-9]])
+        step = np.linalg.solve(hess, grad)
+        slope, bias = slope - step[0], bias - step[1]
+        if np.abs(step).max() < 1e-9:
+            break
+    return max(float(slope), 1e-3), float(bias)
+
+
+def choose_threshold(probs: np.ndarray, y: np.ndarray, sources: Sequence[str]) -> float:
+    """The threshold whose worst per-source rate (TPR on acne sources, 1 - FPR on clear ones) is best.
+
+    Ties go to the best mean rate, then to the middle of the tied range.
+    """
+    sources = np.asarray(sources)
+    groups = [(sources == s) & (y == v) for s in sorted(set(sources.tolist())) for v in (0, 1)]
+    groups = [g for g in groups if g.any()]
+    grid = np.round(np.arange(0.02, 0.99, 0.01), 2)
+    scores = []
+    for t in grid:
+        rates = [float(((probs[g] >= t) == bool(y[g][0])).mean()) for g in groups]
+        scores.append((round(min(rates), 6), round(float(np.mean(rates)), 6)))
+    best = max(scores)
+    tied = grid[[s == best for s in scores]]
+    return float(tied[len(tied) // 2])
+
+
 class Trainer:
-    """Holds the data, network and the per-epoch evaluation of every aggregation."""
+    """Holds the data, the network and the per-epoch evaluation."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        mapping = parse_label_map(args.label_map)
-        check_splits_disjoint(args.dataset)
-        self.manifest = read_manifest(args.dataset)
-        log.info("decoding patches of %s at %dpx", args.dataset, args.input_size)
-        self.train = load_patch_set(args.dataset, "train", args.input_size)
-        self.val = load_patch_set(args.dataset, "validation", args.input_size)
+        self.mapping = parse_label_map(args.label_map)
+        named = [parse_dataset_spec(s) for s in args.datasets]
+        self.manifests = {}
+        for name, uri in named:
+            check_splits_disjoint(uri)
+            self.manifests[name] = read_manifest(uri)
+        log.info("decoding patches of %d datasets at %dpx", len(named), args.input_size)
+        self.train = load_sources(args.datasets, "train", args.input_size)
+        self.val = load_sources(args.datasets, "validation", args.input_size)
         if not len(self.train) or not len(self.val):
-            raise ValueError(
-                f"{args.dataset} needs patches in both train ({len(self.train)}) and validation ({len(self.val)})"
-            )
-        train_labels = map_labels(self.train.face_labels, mapping)
-        val_labels = map_labels(self.val.face_labels, mapping)
-        classes = (
-            tuple(c.strip() for c in args.classes.split(",") if c.strip())
-            if args.classes
-            else order_classes([lab for lab in train_labels + val_labels if lab is not None])
-        )
-        self.y_train = _labels_to_index(train_labels, classes, "train")
-        self.y_val = _labels_to_index(val_labels, classes, "validation")
-        if len(set(self.y_train[self.y_train >= 0].tolist())) < 2:
-            raise ValueError(f"the train split needs faces of at least two classes; it has {sorted(set(train_labels))}")
-        train_lesions_known = not np.isnan(self.train.lesions).any()
-        if args.lesion_target == "on" and not train_lesions_known:
-            raise ValueError("--lesion-target on, but some training patches have no lesion_count")
-        self.use_count = args.lesion_target == "on" or (args.lesion_target == "auto" and train_lesions_known)
-        if args.aggregation == "evidence" and not self.use_count:
-            raise ValueError("--aggregation evidence needs the lesion target (lesion_count in the data)")
-        counts = np.bincount(self.y_train[self.y_train >= 0], minlength=len(classes)).astype(np.float64)
-        self.class_weight = (
-            np.where(counts > 0, counts.sum() / (len(classes) * np.maximum(counts, 1)), 0.0)
-            if args.balance == "faces"
-            else np.ones(len(classes))
-        )
+            raise ValueError(f"the datasets need patches in both train ({len(self.train)}) and validation "
+                             f"({len(self.val)})")
+        classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+        self.cfg = ClassifierConfig(classes=classes, arch=args.arch, input_size=args.input_size)
+        self.verdict_train, self.grade_train = self._targets(self.train)
+        self.verdict_val, self.grade_val = self._targets(self.val)
+        for split, verdict in (("train", self.verdict_train), ("validation", self.verdict_val)):
+            if set(verdict[verdict >= 0].tolist()) != {0, 1}:
+                raise ValueError(f"the {split} split needs both clear and acne faces (label some faces 'clear'): "
+                                 "the verdict is learned on train and calibrated on validation")
+        # Lesion targets: the dataset's count, or zero on a clear face; NaN where neither is known.
+        clear_patch = self.verdict_train[self.train.face] == 0
+        self.lesion_target = np.where(np.isnan(self.train.lesions) & clear_patch, 0.0, self.train.lesions)
         sizes = np.unique(self.train.boxes[:, 2])
-        self.cfg = ClassifierConfig(
-            classes=classes,
-            arch=args.arch,
-            input_size=args.input_size,
+        skins = {float(m.get("arguments", {}).get("min_patch_skin") or 0.0) for m in self.manifests.values()}
+        self.cfg = replace(
+            self.cfg,
             patch_size=int(sizes[0]) if len(sizes) == 1 else 0,
-            min_patch_skin=float(self.manifest.get("arguments", {}).get("min_patch_skin") or 0.0),
-            count_output=self.use_count,
-            topk=args.topk,
-            label_map=mapping,
+            min_patch_skin=skins.pop() if len(skins) == 1 else 0.0,
+            label_map=self.mapping,
         )
         torch.manual_seed(args.seed)
         self.network = build_network(self.cfg)
-        self.label_head_reset = False
-        if self.use_count:
-            self._init_count_output()
+        self._init_count_output()
         if args.init:
             self._warm_start(args.init)
         self.device = torch.device(args.device)
         self.network.to(self.device)
-        log.info(
-            "classes %s; train %d faces / %d patches, validation %d faces / %d patches; lesion target %s; "
-            "class weights %s",
-            list(classes),
-            int((self.y_train >= 0).sum()),
-            len(self.train),
-            int((self.y_val >= 0).sum()),
-            len(self.val),
-            "on" if self.use_count else "off",
-            np.round(self.class_weight, 3).tolist(),
-        )
+        self.sample_p = self._sampling_weights()
+        for split, data, verdict in (("train", self.train, self.verdict_train), ("validation", self.val, self.verdict_val)):
+            by_source: dict[str, list[int]] = {}
+            for s, v in zip(data.face_sources, verdict):
+                by_source.setdefault(s, [0, 0])[int(v == 1)] += 1
+            log.info("%s: %d patches; faces (clear, acne) by source %s", split, len(data), by_source)
+
+    def _targets(self, data: PatchSet) -> tuple[np.ndarray, np.ndarray]:
+        labels = [None if lab is None else self.mapping.get(lab, lab) for lab in data.face_labels]
+        return face_verdicts(labels, self.cfg.classes, self.cfg.verdicts)
+
+    def _sampling_weights(self) -> np.ndarray:
+        """Per-patch draw probabilities: every source alike (times --source-weight), uniform within it."""
+        weights = {}
+        for spec in self.args.source_weight:
+            name, sep, value = spec.partition("=")
+            if not sep:
+                raise ValueError(f"--source-weight expects SOURCE=W, got {spec!r}")
+            weights[name] = float(value)
+        sources = np.asarray(self.train.face_sources)[self.train.face]
+        usable = ~np.isnan(self.lesion_target) | (self.grade_train[self.train.face] >= 0)
+        p = np.zeros(len(self.train))
+        for s in set(sources.tolist()):
+            mine = (sources == s) & usable
+            if mine.any():
+                p[mine] = weights.get(s, 1.0) / mine.sum()
+        return p / p.sum()
 
     def _warm_start(self, uri: str) -> None:
-        ckpt = load_checkpoint(uri, KIND)
+        ckpt = load_checkpoint(uri, "classifier")
         for key, wanted in (("arch", self.cfg.arch), ("input_size", self.cfg.input_size)):
             if ckpt.config.get(key) != wanted:
                 raise ValueError(
@@ -241,36 +263,24 @@ class Trainer:
                 )
         own = self.network.state_dict()
         fitting = {k: v for k, v in ckpt.state_dict.items() if k in own and own[k].shape == v.shape}
-        head = next(name for name, mod in self.network.named_modules() if mod is self.network.get_classifier())
-        head_keys = [f"{head}.weight", f"{head}.bias"]
-        self.label_head_reset = any(k not in fitting for k in head_keys)
-        if self.label_head_reset and self.use_count and ckpt.config.get("count_output"):
-            # Another class set resets the class logits, but the lesion-count row (the last) carries over.
-            for k in head_keys:
-                if k in ckpt.state_dict and k in own:
-                    merged = own[k].clone()
-                    merged[-1] = ckpt.state_dict[k][-1]
-                    fitting[k] = merged
         self.network.load_state_dict(fitting, strict=False)
-        log.info(
-            "warm start from %s: %d of %d tensors reused%s",
-            uri,
-            len(fitting),
-            len(own),
-            "; class logits reset" if self.label_head_reset else "",
-        )
+        log.info("warm start from %s: %d of %d tensors reused", uri, len(fitting), len(own))
+
+    def _init_count_output(self) -> None:
+        # Starting the log-rate at the mean lesions per patch keeps the first Poisson losses sane.
+        head = self.network.get_classifier()
+        rate = max(float(np.nanmean(self.lesion_target)), 1e-3)
+        with torch.no_grad():
+            head.weight[len(self.cfg.classes)].mul_(0.01)
+            head.bias[len(self.cfg.classes)] = math.log(rate)
 
     def _train_epoch(self, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator, rng: np.random.Generator) -> float:
         args, data, net = self.args, self.train, self.network
-        patch_label = self.y_train[data.face]
-        usable = np.nonzero((patch_label >= 0) | self.use_count)[0]
-        if args.max_patches_per_face > 0:
-            by_face = [rng.permutation(idx)[: args.max_patches_per_face] for idx in data.face_patches()]
-            usable = np.intersect1d(np.concatenate(by_face), usable)
-        order = rng.permutation(usable)
+        n = args.epoch_patches or int((self.sample_p > 0).sum())
+        order = rng.choice(len(data), size=n, p=self.sample_p)
         mean = torch.tensor(self.cfg.mean).view(1, 3, 1, 1) * 255
         std = torch.tensor(self.cfg.std).view(1, 3, 1, 1) * 255
-        weights = torch.tensor(self.class_weight, dtype=torch.float32)
+        grades = self.grade_train[data.face]
         n_classes = len(self.cfg.classes)
         net.train()
         total, seen = 0.0, 0
@@ -279,19 +289,16 @@ class Trainer:
             if len(idx) < 2:
                 continue
             x = torch.from_numpy(data.pixels[idx]).permute(0, 3, 1, 2).float()
-            x = ((_augment(x, gen) - mean) / std).to(self.device)
-            out = net(x)
-            labels = torch.from_numpy(patch_label[idx])
+            out = net(((_augment(x, gen) - mean) / std).to(self.device))
             loss = torch.zeros((), device=self.device)
-            has_label = labels >= 0
-            if has_label.any() and args.label_weight > 0:
-                lab = labels[has_label]
-                ce = F.cross_entropy(out[has_label.to(self.device), :n_classes], lab.to(self.device), reduction="none")
-                w = weights[lab].to(self.device)
-                loss = loss + args.label_weight * (ce * w).sum() / w.sum()
-            if self.use_count:
-                target = torch.from_numpy(data.lesions[idx]).to(self.device)
-                loss = loss + args.count_weight * F.poisson_nll_loss(out[:, n_classes], target, log_input=True)
+            target = torch.from_numpy(self.lesion_target[idx]).float().to(self.device)
+            known = ~torch.isnan(target)
+            if known.any():
+                loss = loss + args.count_weight * F.poisson_nll_loss(out[known, n_classes], target[known], log_input=True)
+            graded = torch.from_numpy(grades[idx] >= 0).to(self.device)
+            if graded.any() and args.label_weight > 0:
+                lab = torch.from_numpy(grades[idx]).to(self.device)[graded]
+                loss = loss + args.label_weight * F.cross_entropy(out[graded, :n_classes], lab)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -301,69 +308,44 @@ class Trainer:
             seen += len(idx)
         return total / max(seen, 1)
 
-    def _outputs(self, data: PatchSet, rows: np.ndarray | None = None) -> np.ndarray:
+    def _face_lesions(self, data: PatchSet, faces: np.ndarray | None = None) -> np.ndarray:
+        """Predicted lesion totals per face (of ``faces`` only, when given; others are 0)."""
         clf = Classifier(self.network, self.cfg, device=str(self.device))
-        pixels = data.pixels if rows is None else data.pixels[rows]
-        outputs = clf.forward_patches(list(pixels))
+        rows = np.arange(len(data)) if faces is None else np.nonzero(np.isin(data.face, faces))[0]
+        per_patch = np.zeros(len(data))
+        per_patch[rows] = clf.lesions_from_outputs(clf.forward_patches(list(data.pixels[rows])))
         self.network.train()
-        return outputs
-
-    def _init_count_output(self) -> None:
-        # Starting the log-rate at the mean lesions per patch keeps the first Poisson losses sane.
-        head = self.network.get_classifier()
-        rate = max(float(np.nanmean(self.train.lesions)), 1e-3)
-        with torch.no_grad():
-            head.weight[len(self.cfg.classes)].mul_(0.01)
-            head.bias[len(self.cfg.classes)] = math.log(rate)
+        return face_totals(per_patch, data)
 
     def evaluate(self, calibration_faces: int) -> dict[str, Any]:
-        """Validation face metrics for every applicable aggregation.
-
-        The evidence aggregation is fitted on ``calibration_faces`` train faces (0 = all).
-        """
-        val_out = self._outputs(self.val)
-        candidates: dict[str, ClassifierConfig] = {}
-        if self.args.label_weight > 0 and not (self.label_head_reset and self.args.epochs == 0):
-            for agg in ("mean", "geomean", "topk"):
-                candidates[agg] = replace(self.cfg, aggregation=agg)
-        result: dict[str, Any] = {}
-        if self.use_count:
-            faces = np.nonzero(self.y_train >= 0)[0]
-            if calibration_faces > 0:
-                faces = np.sort(np.random.default_rng(self.args.seed).permutation(faces)[:calibration_faces])
-            by_face = self.train.face_patches()
-            groups = [by_face[f] for f in faces]
-            train_out = self._outputs(self.train, np.concatenate(groups))
-            probe = Classifier(self.network, self.cfg)
-            bounds = np.cumsum([0] + [len(g) for g in groups])
-            train_totals = np.array(
-                [probe.counts_from_outputs(train_out[bounds[i] : bounds[i + 1]]).sum() for i in range(len(groups))]
-            )
-            slopes, bias = fit_evidence(train_totals, self.y_train[faces], len(self.cfg.classes), self.class_weight)
-            candidates["evidence"] = replace(
-                self.cfg,
-                patch_output="count",
-                aggregation="evidence",
-                evidence_slopes=tuple(slopes),
-                evidence_bias=tuple(bias),
-                evidence_temperature=evidence_temperature(slopes),
-            )
-            val_totals = np.array([probe.counts_from_outputs(val_out[idx]).sum() for idx in self.val.face_patches()])
-            val_true = np.array([np.nansum(self.val.lesions[idx]) for idx in self.val.face_patches()])
-            if not np.isnan(self.val.lesions).all():
-                result["val_face_lesion_mae"] = float(np.abs(val_totals - val_true).mean())
-        if self.args.aggregation != "auto":
-            candidates = {k: v for k, v in candidates.items() if k == self.args.aggregation}
-        keep = self.y_val >= 0
-        result["aggregations"] = {}
-        for name, cfg in candidates.items():
-            clf = Classifier(self.network, cfg)
-            probs = clf.probs_from_outputs(val_out)
-            faces = np.stack([clf.aggregate(probs[idx]) for idx in self.val.face_patches()])
-            report = classification_report(self.y_val[keep], faces[keep].argmax(1), cfg.classes)
-            result["aggregations"][name] = {"config": cfg, "report": report}
-        self.network.train()
-        return result
+        """Calibrate on this epoch's outputs and score the validation faces."""
+        graded = np.nonzero(self.grade_train >= 0)[0]
+        if calibration_faces > 0:
+            graded = np.sort(np.random.default_rng(self.args.seed).permutation(graded)[:calibration_faces])
+        train_totals = self._face_lesions(self.train, graded)[graded]
+        slopes, bias = fit_severity(train_totals, self.grade_train[graded], len(self.cfg.classes))
+        totals = self._face_lesions(self.val)
+        known = self.verdict_val >= 0
+        sources = np.asarray(self.val.face_sources)
+        slope, acne_bias = fit_acne_calibration(totals[known], self.verdict_val[known], sources[known])
+        probs = acne_probability(totals, slope, acne_bias)
+        threshold = choose_threshold(probs[known], self.verdict_val[known], sources[known])
+        cfg = replace(self.cfg, acne_slope=slope, acne_bias=acne_bias, verdict_threshold=threshold,
+                      severity_slopes=tuple(slopes), severity_bias=tuple(bias))
+        binary = binary_verdict_report(self.verdict_val[known], probs[known], threshold, sources[known],
+                                       cfg.verdicts)
+        has_grade = self.grade_val >= 0
+        predicted = np.array([int(np.argmax(severity_probs(t, slopes, bias))) for t in totals[has_grade]], np.int64)
+        severity = classification_report(self.grade_val[has_grade], predicted, cfg.classes)
+        true_val = face_totals(np.nan_to_num(self.val.lesions), self.val)
+        lesion_known = has_grade | (self.verdict_val == 1)
+        return {
+            "config": cfg,
+            "binary": binary,
+            "severity": severity,
+            "val_face_lesion_mae": float(np.abs(totals - true_val)[lesion_known].mean()) if lesion_known.any() else None,
+            "score": binary["macro_f1"] + SEVERITY_SELECTION_WEIGHT * severity["macro_f1"],
+        }
 
     def run(self, on_improved: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
         """Train, evaluate every epoch, keep the best; ``on_improved`` gets the outcome so far."""
@@ -371,7 +353,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(args.seed)
         rng = np.random.default_rng(args.seed)
         opt = torch.optim.AdamW(self.network.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        per_epoch = len(self.train) if args.max_patches_per_face <= 0 else args.max_patches_per_face * len(self.train.face_ids)
+        per_epoch = args.epoch_patches or int((self.sample_p > 0).sum())
         steps = max(1, args.epochs * math.ceil(per_epoch / args.batch_size))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps + 1, pct_start=0.15)
         history: list[dict[str, Any]] = []
@@ -381,42 +363,27 @@ class Trainer:
             loss = self._train_epoch(opt, sched, gen, rng) if epoch > 0 else float("nan")
             train_s = time.time() - started
             ev = self.evaluate(args.calibration_faces)
-            row = {"epoch": epoch, "loss": loss, "train_seconds": round(train_s, 1), "eval_seconds": round(time.time() - started - train_s, 1)}
-            if "val_face_lesion_mae" in ev:
-                row["val_face_lesion_mae"] = round(ev["val_face_lesion_mae"], 3)
-            row["validation"] = {
-                name: {k: round(c["report"][k], 4) for k in ("accuracy", "macro_f1")} for name, c in ev["aggregations"].items()
+            row = {
+                "epoch": epoch, "loss": loss, "train_seconds": round(train_s, 1),
+                "eval_seconds": round(time.time() - started - train_s, 1),
+                "val_face_lesion_mae": ev["val_face_lesion_mae"],
+                "binary": {k: ev["binary"][k] for k in ("macro_f1", "roc_auc", "threshold", "worst_source_rate")},
+                "severity": {k: round(ev["severity"][k], 4) for k in ("accuracy", "macro_f1")},
+                "score": round(ev["score"], 4),
             }
             history.append(row)
-            log.info("epoch %s", json.dumps(row))
-            improved = False
-            for name, cand in ev["aggregations"].items():
-                score = cand["report"][args.select_metric]
-                if best is None or score > best["score"]:
-                    improved = True
-                    best = {
-                        "score": score,
-                        "epoch": epoch,
-                        "aggregation": name,
-                        "config": cand["config"],
-                        "report": cand["report"],
-                        "state": copy.deepcopy(self.network.state_dict()),
-                        "all": {n: c["report"] for n, c in ev["aggregations"].items()},
-                    }
-            if improved and on_improved is not None and epoch < args.epochs:
-                on_improved({"history": history, "best": best})
+            log.info("epoch %s", json.dumps(row, default=float))
+            if best is None or ev["score"] > best["score"]:
+                best = dict(ev, epoch=epoch, state=copy.deepcopy(self.network.state_dict()))
+                if on_improved is not None and epoch < args.epochs:
+                    on_improved({"history": history, "best": best})
         assert best is not None
-        if best["aggregation"] == "evidence" and args.calibration_faces > 0:
-            # The per-epoch fit used a subset of train faces; refit the winner on all of them.
+        if args.calibration_faces > 0:
+            # The per-epoch severity fit used a subset of graded train faces; refit the winner on all.
             self.network.load_state_dict(best["state"])
-            final = self.evaluate(0)["aggregations"]
-            best.update(
-                config=final["evidence"]["config"],
-                report=final["evidence"]["report"],
-                all={n: c["report"] for n, c in final.items()},
-            )
-            log.info("evidence refit on all train faces: validation %s", json.dumps(
-                {k: round(best["report"][k], 4) for k in ("accuracy", "macro_f1")}))
+            best.update({k: v for k, v in self.evaluate(0).items() if k != "score"})
+            log.info("severity refit on all graded train faces: validation %s",
+                     json.dumps({k: round(best["severity"][k], 4) for k in ("accuracy", "macro_f1")}))
         return {"history": history, "best": best}
 
 
@@ -426,14 +393,20 @@ def write_outputs(trainer: Trainer, outcome: dict[str, Any], started: float, com
     Called after every improving epoch too, so a run stopped early still leaves its best model.
     """
     args, best = trainer.args, outcome["best"]
+    summary = {
+        "binary": {k: best["binary"][k] for k in ("macro_f1", "roc_auc", "threshold", "faces", "by_source")},
+        "severity": {k: best["severity"][k] for k in ("accuracy", "macro_f1", "faces")},
+    }
     training = {
-        "dataset": args.dataset,
-        "dataset_manifest": trainer.manifest,
+        "datasets": list(args.datasets),
+        "dataset_arguments": {name: m.get("arguments", {}) for name, m in trainer.manifests.items()},
+        "dataset_segmenters": {name: m.get("checkpoints", {}).get("segmenter", {}).get("sha256")
+                               for name, m in trainer.manifests.items()},
         "args": vars(args),
         "best_epoch": best["epoch"],
         "complete": complete,
-        "selected_on": f"validation {args.select_metric}",
-        "validation": {k: best["report"][k] for k in ("accuracy", "macro_f1", "faces")},
+        "selected_on": f"validation binary macro-F1 + {SEVERITY_SELECTION_WEIGHT} x severity macro-F1",
+        "validation": summary,
         "seconds": round(time.time() - started, 1),
     }
     network = build_network(best["config"])
@@ -443,12 +416,10 @@ def write_outputs(trainer: Trainer, outcome: dict[str, Any], started: float, com
         "checkpoint": args.output,
         "checkpoint_sha256": sha,
         "complete": complete,
-        "classes": list(best["config"].classes),
         "best_epoch": best["epoch"],
-        "aggregation": best["aggregation"],
         "selected_on": training["selected_on"],
-        "validation": best["report"],
-        "validation_by_aggregation": best["all"],
+        "validation": {"binary": best["binary"], "severity": best["severity"],
+                       "face_lesion_mae": best["val_face_lesion_mae"]},
         "history": outcome["history"],
         "config": {k: v for k, v in asdict(best["config"]).items() if k != "training"},
         "seconds": training["seconds"],
@@ -471,13 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = outcome["best"]
     sha = write_outputs(trainer, outcome, started, complete=True)
     log.info(
-        "best epoch %d, aggregation %s: validation accuracy %.4f, macro-F1 %.4f; checkpoint %s (sha256 %s)",
-        best["epoch"],
-        best["aggregation"],
-        best["report"]["accuracy"],
-        best["report"]["macro_f1"],
-        args.output,
-        sha[:12],
+        "best epoch %d: binary macro-F1 %.4f (threshold %.2f), severity accuracy %.4f / macro-F1 %.4f; "
+        "checkpoint %s (sha256 %s)",
+        best["epoch"], best["binary"]["macro_f1"], best["binary"]["threshold"], best["severity"]["accuracy"],
+        best["severity"]["macro_f1"], args.output, sha[:12],
     )
     return 0
 

@@ -23,10 +23,19 @@ import torch
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from models.checkpoint import CheckpointError
-from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, MANIFEST, join, read_parquet_dir
+from models.dataset import (
+    ERROR_SCHEMA,
+    ERRORS_DIR,
+    FACES_DIR,
+    MANIFEST,
+    SCORE_SCHEMA,
+    SCORES_DIR,
+    join,
+    read_parquet_dir,
+)
 from models.classifier import Classifier
 from models.segmenter import Segmenter
-from pipelines.options import resolve_tiling
+from pipelines.options import SCORE_MIN_FACE_SKIN, resolve_tiling
 from transforms.decode import DecodeImages
 from transforms.read import InputError, ReadImages, check_patterns, load_ffhq_metadata, load_labels
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
@@ -126,7 +135,7 @@ def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None)
         segmenter = Segmenter.load(args.segmenter_checkpoint)
         classifier = Classifier.load(classifier_uri) if classifier_uri else None
         if classifier:
-            resolve_tiling(args, classifier.cfg.patch_size, classifier.cfg.min_patch_skin)
+            resolve_tiling(args, classifier.cfg.patch_size, classifier.cfg.min_patch_skin, SCORE_MIN_FACE_SKIN)
         else:
             resolve_tiling(args)
         files = check_patterns(args.input)
@@ -237,6 +246,10 @@ def print_summary(manifest: dict[str, Any], output: str) -> None:
         + ("" if books["ok"] else "  <-- DOES NOT ADD UP"),
     ]
     lines += [f"  {table}: {n} rows" for table, n in manifest["rows"].items() if table not in (FACES_DIR, ERRORS_DIR)]
+    if manifest["job"] == "score":
+        verdicts = Counter(read_parquet_dir(join(output, SCORES_DIR), SCORE_SCHEMA, ["verdict"]).column(0).to_pylist())
+        lines.append("  verdicts: " + ", ".join(f"{v} {verdicts[v]}" for v in sorted(verdicts, key=str) if v)
+                     + f", no usable skin {verdicts[None]}")
     if books["failed"]:
         errors = read_parquet_dir(join(output, ERRORS_DIR), ERROR_SCHEMA, ["stage", "error_type"]).to_pylist()
         top = Counter(f"{e['stage']}/{e['error_type']}" for e in errors).most_common(5)

@@ -18,6 +18,10 @@ from transforms.split import MODES
 
 DEFAULT_PATCH_SIZE = 256
 DEFAULT_MIN_PATCH_SKIN = 0.5
+DEFAULT_MIN_FACE_SKIN = 0.15
+# score judges any face with some skin: a face that fills little of its photo (a distant or
+# small face on a wide canvas) still has lesions to count, and a verdict is what users ask for.
+SCORE_MIN_FACE_SKIN = 0.02
 
 BEAM_EPILOG = """\
 Beam flags pass straight through, for example:
@@ -32,6 +36,13 @@ def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return value
+
+
+def _open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability strictly between 0 and 1")
     return value
 
 
@@ -90,8 +101,9 @@ class PatchOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("faces and patches")
-        g.add_argument("--min-face-skin", type=_fraction, default=0.15,
-                       help="Filter out faces whose skin fraction is below this (default: %(default)s).")
+        g.add_argument("--min-face-skin", type=_fraction, default=None,
+                       help=f"Filter out faces whose skin fraction is below this (default: {DEFAULT_MIN_FACE_SKIN}; "
+                            f"score: {SCORE_MIN_FACE_SKIN}, so that a small face in a wide photo is still judged).")
         g.add_argument("--patch-size", type=_positive, default=None,
                        help=f"Patch side in pixels (default: {DEFAULT_PATCH_SIZE}; score: the patch size the "
                             "classifier was trained on, from its config).")
@@ -154,13 +166,21 @@ class ScoreOptions(PipelineOptions):
                        help="Patches per classifier batch, across images (default: %(default)s).")
         g.add_argument("--top-patches", type=int, default=3,
                        help="How many of the most suspicious patches to report per image (default: %(default)s).")
-        g.add_argument("--patch-table", action="store_true", help="Also write one row per scored patch.")
+        g.add_argument("--patch-table", action="store_true",
+                       help="Also write one row per scored patch, with its expected lesions.")
+        g.add_argument("--verdict-threshold", type=_open_fraction, default=None, metavar="P",
+                       help="Call a face 'acne' when its acne probability reaches P (default: the threshold "
+                            "calibrated on validation, from the classifier's config). Lower finds more acne "
+                            "and more false alarms.")
 
 
-def resolve_tiling(args: argparse.Namespace, trained_patch_size: int = 0, trained_min_skin: float = 0.0) -> None:
+def resolve_tiling(args: argparse.Namespace, trained_patch_size: int = 0, trained_min_skin: float = 0.0,
+                   min_face_skin: float = DEFAULT_MIN_FACE_SKIN) -> None:
     """Fill in the tiling flags left unset: score cuts patches the way its classifier saw them
-    in training (a face's lesion evidence is summed over its patches), build_dataset uses the
+    in training (a face's lesions are summed over its patches), build_dataset uses the
     defaults."""
+    if args.min_face_skin is None:
+        args.min_face_skin = min_face_skin
     if args.patch_size is None:
         args.patch_size = trained_patch_size or DEFAULT_PATCH_SIZE
     if args.stride is None:

@@ -24,10 +24,12 @@ from transforms.read_patches import ReadPatchDataset, is_patch_dataset
 from transforms.write import WriteParquet
 
 DESCRIPTION = """\
-Score images for acne: segment skin, cut skin patches, classify each patch and aggregate per
-face. Writes one row per image to OUTPUT/scores/ (class probabilities, predicted class, the
-most suspicious patches, both checkpoints' hashes; status 'no_skin' when no usable skin was
-found), failures to OUTPUT/errors/, every input's fate to OUTPUT/faces/, and manifest.json last."""
+Score images for acne: segment skin, cut skin patches, count the acne lesions on each patch
+and judge each face. Writes one row per image to OUTPUT/scores/: the verdict ('clear' or
+'acne'), the calibrated acne probability, the expected lesion count, the severity (a Hayashi
+grade: mild, moderate, severe, very_severe; empty when clear), the most suspicious patches and
+both checkpoints' hashes; status 'no_skin' when no usable skin was found. Failures go to
+OUTPUT/errors/, every input's fate to OUTPUT/faces/, and manifest.json comes last."""
 
 PROG = "python -m pipelines.score"
 OPTION_GROUPS = [InputOptions, SegmentOptions, PatchOptions, ScoreOptions, OutputOptions]
@@ -46,7 +48,8 @@ def build(p: beam.Pipeline, args: Any, prepared: Prepared, checkpoints: dict[str
         )
         skinless_parts = [low_skin, no_patch]
     handler = AcneClassifierHandler(
-        args.classifier_checkpoint, args.device, args.classifier_batch_size, args.torch_threads
+        args.classifier_checkpoint, args.device, args.classifier_batch_size, args.torch_threads,
+        args.verdict_threshold,
     )
     scored, classify_failed = patched | "Classify" >> ClassifyFaces(handler)
     skinless = tuple(skinless_parts) | "Skinless" >> beam.Flatten(pipeline=p)

@@ -34,6 +34,18 @@ def classifier_checkpoint() -> str:
 
 
 @pytest.fixture(scope="session")
+def untrained_classifier(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A new-format classifier checkpoint with random weights, cutting 128 px patches with at least
+    40 % skin. Its calibration calls every face clear (see ``tests.classifier_data.ALWAYS_CLEAR``):
+    for behaviour that does not depend on a trained model."""
+    from tests.classifier_data import save_untrained_classifier
+
+    path = str(tmp_path_factory.mktemp("untrained_classifier"))
+    save_untrained_classifier(path, patch_size=128, min_patch_skin=0.4)
+    return path
+
+
+@pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run_local.sh sample: five 1024x1024 photos in FFHQ layout plus two broken files."""
     out = tmp_path_factory.mktemp("sample")

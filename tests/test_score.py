@@ -1,24 +1,43 @@
-"""score end to end: one row per image with calibrated-looking output, and nothing silently dropped."""
+"""score end to end: one row per image with a verdict, and nothing silently dropped."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
+from models.classifier import SEVERITIES
 from models.dataset import FACES_DIR, PATCH_SCORES_DIR, SCORES_DIR, read_table
-from pipelines.common import JobConfigError
 from pipelines import build_dataset
+from pipelines.common import JobConfigError
 from pipelines.score import run
+
+# Tiny thresholds are valid probabilities; under the untrained classifier's calibration every
+# face's acne probability is above this one (and below its own 0.5).
+LAX = "0.000000001"
+
+
+def _config(manifest: dict) -> dict:
+    return json.loads((Path(manifest["checkpoints"]["classifier"]["uri"]) / "config.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def sample_scores(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def sample_scores(sample_dir: Path, untrained_classifier: str,
+                  tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("score") / "scores"
-    manifest = run(["--input", str(sample_dir), "--output", str(out), "--patch-table"])
+    manifest = run(["--input", str(sample_dir), "--output", str(out), "--patch-table",
+                    "--classifier-checkpoint", untrained_classifier, "--torch-threads", "1"])
     return out, manifest
+
+
+@pytest.fixture(scope="module")
+def sample_dataset(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("dataset") / "dataset"
+    return out, build_dataset.run(["--input", str(sample_dir), "--output", str(out), "--torch-threads", "1"])
 
 
 def test_every_readable_image_gets_a_row_and_failures_get_reasons(sample_scores) -> None:
@@ -30,47 +49,71 @@ def test_every_readable_image_gets_a_row_and_failures_get_reasons(sample_scores)
     assert set(scores.status) <= {"scored", "no_skin"} and (scores.status == "scored").sum() >= 3
     skinless = scores[scores.status == "no_skin"]
     assert (skinless.patches_used == 0).all() and skinless.reason.str.contains("skin").all()
+    assert skinless.verdict.isna().all() and skinless.acne_probability.isna().all()
     errors = read_table(str(out), "errors").to_pandas()
     assert sorted(errors.image_id) == ["00005", "00006"]
     faces = read_table(str(out), FACES_DIR).to_pandas()
     assert len(faces) == 7 and faces.image_id.is_unique
 
 
-def test_scored_rows_carry_probabilities_top_patches_and_both_hashes(sample_scores) -> None:
+def test_scored_rows_carry_the_verdict_probabilities_top_patches_and_both_hashes(sample_scores) -> None:
     out, manifest = sample_scores
-    scores = read_table(str(out), SCORES_DIR).to_pylist()
-    classes = json.loads((Path(manifest["checkpoints"]["classifier"]["uri"]) / "config.json").read_text())["classes"]
-    for row in (r for r in scores if r["status"] == "scored"):
+    table = read_table(str(out), SCORES_DIR)
+    assert "predicted_class" not in table.column_names
+    classes = _config(manifest)["classes"]
+    lesions = read_table(str(out), PATCH_SCORES_DIR).to_pandas().groupby("image_id").lesions
+    scored = [r for r in table.to_pylist() if r["status"] == "scored"]
+    assert scored
+    for row in scored:
+        # The untrained classifier's calibration calls every face clear.
+        assert row["verdict"] == "clear" and row["severity"] is None
+        assert 0 < row["acne_probability"] < 0.5
+        assert row["lesion_count"] == pytest.approx(lesions.sum()[row["image_id"]], rel=1e-4)
         probs = dict(row["probabilities"])
-        assert sorted(probs) == sorted(classes) and abs(sum(probs.values()) - 1) < 1e-4
-        assert row["predicted_class"] == max(probs, key=probs.get)
+        assert list(probs) == ["clear", *classes] and abs(sum(probs.values()) - 1) < 1e-4
+        assert probs["clear"] == pytest.approx(1 - row["acne_probability"], abs=1e-6)
         assert 1 <= len(row["top_patches"]) <= 3 and row["patches_used"] >= len(row["top_patches"])
         assert all(0 <= p["x"] <= 1024 - p["size"] and 0 <= p["y"] <= 1024 - p["size"] for p in row["top_patches"])
-        assert [p["score"] for p in row["top_patches"]] == sorted((p["score"] for p in row["top_patches"]), reverse=True)
+        top = [p["score"] for p in row["top_patches"]]
+        assert top == sorted(top, reverse=True) and top[0] == pytest.approx(lesions.max()[row["image_id"]], rel=1e-5)
         assert row["segmenter_sha256"] == manifest["checkpoints"]["segmenter"]["sha256"]
         assert row["classifier_sha256"] == manifest["checkpoints"]["classifier"]["sha256"]
 
 
+def test_the_report_shows_the_verdicts(sample_scores) -> None:
+    out, _ = sample_scores
+    # Three panels (outcomes, skin, verdicts); build_dataset's report has two.
+    assert Image.open(out / "report.png").size[0] > 1400
+
+
 def test_patches_are_cut_as_the_classifier_saw_them_unless_flags_say_otherwise(
-        sample_scores, sample_dir: Path, tmp_path: Path) -> None:
+        sample_scores, sample_dir: Path, untrained_classifier: str, tmp_path: Path) -> None:
     _, manifest = sample_scores
-    trained = json.loads((Path(manifest["checkpoints"]["classifier"]["uri"]) / "config.json").read_text())
-    assert (manifest["arguments"]["patch_size"], manifest["arguments"]["min_patch_skin"]) == (
-        trained["patch_size"], trained["min_patch_skin"])
-    chosen = run(["--input", str(sample_dir), "--output", str(tmp_path / "out"),
-                  "--patch-size", "256", "--min-patch-skin", "0.9"])
-    assert (chosen["arguments"]["patch_size"], chosen["arguments"]["min_patch_skin"]) == (256, 0.9)
-    assert (chosen["arguments"]["patch_size"], chosen["arguments"]["min_patch_skin"]) != (
-        trained["patch_size"], trained["min_patch_skin"])
+    trained = _config(manifest)
+    assert (trained["patch_size"], trained["min_patch_skin"]) == (128, 0.4)
+    assert (manifest["arguments"]["patch_size"], manifest["arguments"]["min_patch_skin"]) == (128, 0.4)
+    chosen = run(["--input", str(sample_dir / "00000" / "00000.png"), "--output", str(tmp_path / "out"),
+                  "--classifier-checkpoint", untrained_classifier,
+                  "--patch-size", "256", "--min-patch-skin", "0.9", "--min-face-skin", "0.3"])
+    args = chosen["arguments"]
+    assert (args["patch_size"], args["min_patch_skin"], args["min_face_skin"]) == (256, 0.9, 0.3)
+
+
+def test_score_judges_faces_with_less_skin_than_build_dataset_keeps(sample_scores, sample_dataset) -> None:
+    # A small face in a wide photo still gets a verdict; a training dataset wants skin-filled faces.
+    assert sample_scores[1]["arguments"]["min_face_skin"] == 0.02
+    assert sample_dataset[1]["arguments"]["min_face_skin"] == 0.15
 
 
 def test_patch_table_holds_every_scored_patch(sample_scores) -> None:
     out, _ = sample_scores
     scores = read_table(str(out), SCORES_DIR).to_pandas()
     patches = read_table(str(out), PATCH_SCORES_DIR).to_pandas()
+    assert "lesions" in patches.columns and "probabilities" not in patches.columns
     assert patches.groupby("image_id").size().to_dict() == scores[scores.status == "scored"].set_index(
         "image_id").patches_used.to_dict()
-    assert patches.patch_id.is_unique
+    assert patches.patch_id.is_unique and (patches.lesions >= 0).all()
+    assert ((patches["size"] == 128) & (patches.skin_fraction >= 0.4)).all()
 
 
 def test_wrong_classifier_checkpoint_fails_before_any_work(tmp_path: Path, sample_dir: Path,
@@ -82,25 +125,103 @@ def test_wrong_classifier_checkpoint_fails_before_any_work(tmp_path: Path, sampl
     assert not (tmp_path / "out").exists()
 
 
-def test_real_acne04_photos_get_sensible_grades(shared_data: Path, tmp_path: Path) -> None:
-    valid = shared_data / "acne" / "acne04" / "valid"
-    photos = sorted(valid.glob("levle3_*.jpg"))[:2] + sorted(valid.glob("levle0_*.jpg"))[:2]
-    manifest = run(["--input", *map(str, photos), "--output", str(tmp_path / "out"), "--min-face-skin", "0.05"])
-    scores = read_table(str(tmp_path / "out"), SCORES_DIR).to_pylist()
-    assert manifest["accounting"]["ok"] and len(scores) == 4
-    scored = [r for r in scores if r["status"] == "scored"]
-    assert len(scored) >= 3, "ACNE04 close-ups are mostly skin"
-    for row in scored:
-        probs = np.array([p for _, p in row["probabilities"]])
-        assert np.isfinite(probs).all() and abs(probs.sum() - 1) < 1e-4 and probs.max() < 0.9999
+def test_an_invalid_verdict_threshold_is_refused(tmp_path: Path, sample_dir: Path) -> None:
+    for bad in ("1.5", "0", "1"):
+        with pytest.raises(SystemExit):
+            run(["--input", str(sample_dir), "--output", str(tmp_path / "out"), "--verdict-threshold", bad])
+    assert not (tmp_path / "out").exists()
 
 
-def test_an_existing_patch_dataset_is_rescored_without_resegmenting(sample_dir: Path, tmp_path: Path) -> None:
-    dataset = tmp_path / "dataset"
-    built = build_dataset.run(["--input", str(sample_dir), "--output", str(dataset)])
-    manifest = run(["--input", str(dataset), "--output", str(tmp_path / "scores")])
+def test_an_existing_patch_dataset_is_rescored_without_resegmenting(
+        sample_dataset, untrained_classifier: str, tmp_path: Path) -> None:
+    dataset, built = sample_dataset
+    manifest = run(["--input", str(dataset), "--output", str(tmp_path / "scores"),
+                    "--classifier-checkpoint", untrained_classifier])
     scores = read_table(str(tmp_path / "scores"), SCORES_DIR).to_pandas()
     kept = read_table(str(dataset), FACES_DIR).to_pandas().query("status == 'kept'")
     assert sorted(scores.image_id) == sorted(kept.image_id) and (scores.status == "scored").all()
     assert scores.set_index("image_id").patches_used.to_dict() == kept.set_index("image_id").patch_count.to_dict()
     assert manifest["checkpoints"]["segmenter"] == built["checkpoints"]["segmenter"]
+    assert (scores.verdict == "clear").all()
+
+
+def test_a_verdict_threshold_changes_the_verdicts(
+        sample_dataset, untrained_classifier: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dataset, _ = sample_dataset
+    manifest = run(["--input", str(dataset), "--output", str(tmp_path / "scores"),
+                    "--classifier-checkpoint", untrained_classifier, "--verdict-threshold", LAX])
+    assert manifest["arguments"]["verdict_threshold"] == float(LAX)
+    rows = read_table(str(tmp_path / "scores"), SCORES_DIR).to_pylist()
+    assert rows and all(r["verdict"] == "acne" and r["severity"] in SEVERITIES for r in rows)
+    # The threshold moves the verdict, not the probabilities: they still say "clear" is likely.
+    assert all(r["acne_probability"] < 0.5 and dict(r["probabilities"])["clear"] > 0.5 for r in rows)
+    assert f"verdicts: acne {len(rows)}, no usable skin 0" in capsys.readouterr().out
+
+
+# Real photographs, judged by the shipped classifier (skipped without ../shared/data).
+
+
+def _acne04(shared_data: Path, pattern: str, n: int) -> list[Path]:
+    photos = sorted((shared_data / "acne" / "acne04" / "valid").glob(pattern))[:n]
+    if len(photos) < n:
+        pytest.skip(f"fewer than {n} ACNE04 photos {pattern} under {shared_data}")
+    return photos
+
+
+def _celebahq(shared_data: Path, n: int) -> list[Path]:
+    photos = sorted((shared_data / "faces" / "celebahq").glob("*.jpg"))[:n]
+    if len(photos) < n:
+        pytest.skip(f"fewer than {n} CelebA-HQ faces under {shared_data}")
+    return photos
+
+
+def _verdicts(inputs: list[Path], out: Path) -> dict[str, tuple]:
+    manifest = run(["--input", *map(str, inputs), "--output", str(out)])
+    rows = read_table(str(out), SCORES_DIR).to_pylist()
+    assert manifest["accounting"]["ok"] and len(rows) == len(inputs)
+    return {r["image_id"]: (r["status"], r["verdict"], r["severity"]) for r in rows}
+
+
+def test_real_acne04_photos_are_acne_and_clear_faces_are_clear(shared_data: Path, tmp_path: Path) -> None:
+    acne = _acne04(shared_data, "levle3_*.jpg", 2) + _acne04(shared_data, "levle2_*.jpg", 1)
+    clear = _celebahq(shared_data, 3)
+    got = _verdicts(acne + clear, tmp_path / "out")
+    for photo in acne:
+        status, verdict, severity = got[photo.stem]
+        assert (status, verdict) == ("scored", "acne") and severity in SEVERITIES, (photo.name, got[photo.stem])
+    for photo in clear:
+        assert got[photo.stem] == ("scored", "clear", None), (photo.name, got[photo.stem])
+
+
+def _on_grey(rgb: np.ndarray, scale: float) -> np.ndarray:
+    """The photo shrunk by ``scale`` in the middle of a neutral grey canvas of its own size."""
+    h, w = rgb.shape[:2]
+    small = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    canvas = np.full_like(rgb, 128)
+    y, x = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
+    canvas[y:y + small.shape[0], x:x + small.shape[1]] = small
+    return canvas
+
+
+def test_an_acne_face_stays_acne_when_it_fills_less_of_the_photo(shared_data: Path, tmp_path: Path) -> None:
+    [photo] = _acne04(shared_data, "levle3_*.jpg", 1)
+    rgb = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
+    inputs = []
+    for name, scale in (("full", 1.0), ("half", 1 / 2), ("third", 1 / 3)):
+        path = tmp_path / "in" / f"{name}.png"
+        path.parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(path), cv2.cvtColor(_on_grey(rgb, scale), cv2.COLOR_RGB2BGR))
+        inputs.append(path)
+    got = _verdicts(inputs, tmp_path / "out")
+    assert {k: v[:2] for k, v in got.items()} == {n: ("scored", "acne") for n in ("full", "half", "third")}, got
+
+
+def test_a_clear_face_stays_clear_at_half_resolution(shared_data: Path, tmp_path: Path) -> None:
+    [photo] = _celebahq(shared_data, 1)
+    bgr = cv2.imread(str(photo))
+    assert bgr.shape[:2] == (1024, 1024)
+    (tmp_path / "in").mkdir()
+    shutil.copy(photo, tmp_path / "in" / "full.jpg")
+    cv2.imwrite(str(tmp_path / "in" / "half.png"), cv2.resize(bgr, (512, 512), interpolation=cv2.INTER_AREA))
+    got = _verdicts([tmp_path / "in" / "full.jpg", tmp_path / "in" / "half.png"], tmp_path / "out")
+    assert got == {"full": ("scored", "clear", None), "half": ("scored", "clear", None)}

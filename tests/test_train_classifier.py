@@ -1,88 +1,130 @@
-"""Training on generated patch datasets: the signal is learned, decisions are per face."""
+"""Training on generated patch datasets: lesions are counted, faces are judged clear or acne."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from models.classifier import Classifier
+from models.classifier import SEVERITIES, Classifier
+from models.patch_data import load_patch_set
 from models.train_classifier import main
-from tests.classifier_data import MIN_PATCH_SKIN, write_patch_dataset
+from tests.classifier_data import MIN_PATCH_SKIN, save_untrained_classifier, write_patch_dataset
 
 FAST = ["--arch", "test_byobnet", "--input-size", "24", "--batch-size", "16", "--threads", "1"]
+GRADES = {g: 3 for g in SEVERITIES}
+VALIDATION = {"clear": 6, **{g: 2 for g in SEVERITIES}}
 
 
-def _train(dataset: Path, out: Path, *extra: str) -> dict:
-    assert main([str(dataset), "--output", str(out), *FAST, *extra]) == 0
+def _train(datasets: list[str], out: Path, *extra: str) -> dict:
+    assert main([*datasets, "--output", str(out), *FAST, *extra]) == 0
     return json.loads((out / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def colour_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    counts = {"clear": 12, "acne": 12}
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Clear faces (no spots, no lesion boxes) and graded faces (spots, with their counts)."""
     return write_patch_dataset(
-        tmp_path_factory.mktemp("colour"), {"train": counts, "validation": {"clear": 6, "acne": 6}, "test": counts}
+        tmp_path_factory.mktemp("mixed") / "mixed",
+        {"train": {"clear": 12, **GRADES}, "validation": VALIDATION, "test": VALIDATION},
     )
 
 
-def test_learns_a_separable_signal_and_writes_a_usable_checkpoint(colour_dataset: Path, tmp_path: Path) -> None:
-    metrics = _train(colour_dataset, tmp_path / "ckpt", "--epochs", "3", "--classes", "clear,acne")
-    assert metrics["validation"]["accuracy"] == 1.0 and metrics["validation"]["macro_f1"] == 1.0
-    assert metrics["classes"] == ["clear", "acne"]
-    assert metrics["aggregation"] in ("mean", "geomean", "topk")
+@pytest.fixture(scope="module")
+def trained(mixed: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("trained") / "ckpt"
+    return out, _train([str(mixed)], out, "--epochs", "3", "--epoch-patches", "256", "--lr", "5e-3")
+
+
+def test_learns_to_tell_clear_from_acne_faces(trained: tuple[Path, dict], mixed: Path) -> None:
+    _, metrics = trained
+    binary = metrics["validation"]["binary"]
+    assert binary["macro_f1"] >= 0.9 and binary["roc_auc"] >= 0.9
+    assert binary["faces"] == 6 + 8 and binary["classes"] == ["clear", "acne"]
+    assert binary["by_source"]["mixed"]["clear"]["faces"] == 6 and binary["by_source"]["mixed"]["acne"]["faces"] == 8
+    assert metrics["validation"]["severity"]["faces"] == 8
     assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
-    assert set(metrics["history"][0]["validation"]) == {"mean", "geomean", "topk"}
-    clf = Classifier.load(str(tmp_path / "ckpt"))
+    # The network counts spots: on the test faces, predicted lesions follow the true ones.
+    clf = Classifier.load(str(trained[0]))
+    test = load_patch_set(str(mixed), "test", 24)
+    predicted = clf.predict_lesions(list(test.pixels))
+    truth = np.nan_to_num(test.lesions)
+    assert np.corrcoef(predicted, truth)[0, 1] > 0.8
+    verdicts = [clf.judge(predicted[idx]).verdict for idx in test.face_patches()]
+    expected = ["clear" if lab == "clear" else "acne" for lab in test.face_labels]
+    assert np.mean([v == e for v, e in zip(verdicts, expected)]) >= 0.9
+
+
+def test_writes_a_checkpoint_with_its_calibration_and_its_tiling(trained: tuple[Path, dict]) -> None:
+    out, metrics = trained
+    clf = Classifier.load(str(out))
+    cfg = clf.cfg
     assert clf.sha256 == metrics["checkpoint_sha256"]
-    assert clf.cfg.training["best_epoch"] == metrics["best_epoch"]
-    assert clf.cfg.training["args"]["seed"] == 0
-    assert clf.cfg.patch_size == 24 and clf.cfg.input_size == 24
-    assert clf.cfg.min_patch_skin == MIN_PATCH_SKIN
+    assert 0.0 < cfg.verdict_threshold < 1.0 and cfg.verdict_threshold == metrics["validation"]["binary"]["threshold"]
+    assert cfg.acne_slope > 0 and cfg.acne_slope == metrics["config"]["acne_slope"]
+    assert cfg.classes == SEVERITIES and len(cfg.severity_slopes) == len(cfg.severity_bias) == 4
+    # Grades are lesion-count bands: the fitted curve puts the worst grade at the most lesions.
+    assert clf.judge(np.array([0.0]), threshold=1e-9).severity == "mild"
+    assert clf.judge(np.array([40.0]), threshold=1e-9).severity == "very_severe"
+    assert (cfg.patch_size, cfg.input_size, cfg.min_patch_skin) == (24, 24, MIN_PATCH_SKIN)
+    assert cfg.training["best_epoch"] == metrics["best_epoch"] and cfg.training["complete"] is True
+    assert cfg.training["args"]["seed"] == 0
+    assert cfg.training["validation"]["binary"]["by_source"] == metrics["validation"]["binary"]["by_source"]
 
 
-def test_label_map_groups_grades_and_classes_come_from_the_data(tmp_path: Path) -> None:
-    grades = {"0": 6, "1": 6, "2": 6, "3": 6}
-    data = write_patch_dataset(tmp_path / "graded", {"train": grades, "validation": {g: 3 for g in grades}})
-    metrics = _train(data, tmp_path / "ckpt", "--epochs", "2", "--label-map", "0,1->0;2,3->1")
-    assert metrics["classes"] == ["0", "1"]
-    assert metrics["validation"]["per_class"]["1"]["support"] == 6
-    assert Classifier.load(str(tmp_path / "ckpt")).cfg.label_map == {"0": "0", "1": "0", "2": "1", "3": "1"}
+def test_two_named_datasets_are_two_sources_whatever_their_scales(tmp_path: Path) -> None:
+    # Clear faces from one place, acne from another (and the same acne source at another scale):
+    # the rates are reported per source, where a source-recogniser would show.
+    celeb = write_patch_dataset(tmp_path / "c", {"train": {"clear": 8}, "validation": {"clear": 4}}, id_prefix="c")
+    acne = write_patch_dataset(tmp_path / "a", {"train": {"mild": 4, "severe": 4}, "validation": {"mild": 2, "severe": 2}},
+                               seed=1, id_prefix="a")
+    half = write_patch_dataset(tmp_path / "h", {"train": {"moderate": 4}, "validation": {"moderate": 2}}, size=12,
+                               seed=2, id_prefix="h")
+    metrics = _train([f"celeb={celeb}", f"acne04={acne}", f"acne04@0.5={half}"], tmp_path / "ckpt",
+                     "--epochs", "1", "--epoch-patches", "64")
+    by_source = metrics["validation"]["binary"]["by_source"]
+    assert set(by_source) == {"celeb", "acne04"}
+    assert {truth: g["faces"] for truth, g in by_source["celeb"].items()} == {"clear": 4}
+    assert {truth: g["faces"] for truth, g in by_source["acne04"].items()} == {"acne": 6}
+    assert by_source["celeb"]["clear"]["rate_name"] == "FPR" and by_source["acne04"]["acne"]["rate_name"] == "TPR"
+    training = Classifier.load(str(tmp_path / "ckpt")).cfg.training
+    assert training["datasets"] == [f"celeb={celeb}", f"acne04={acne}", f"acne04@0.5={half}"]
+    assert set(training["dataset_arguments"]) == {"celeb", "acne04", "acne04@0.5"}
+    # Patches of two sizes: the checkpoint cannot name one patch size for scoring.
+    assert Classifier.load(str(tmp_path / "ckpt")).cfg.patch_size == 0
 
 
-def test_unmapped_labels_are_refused(tmp_path: Path) -> None:
-    data = write_patch_dataset(tmp_path / "graded", {"train": {"0": 2, "2": 2}, "validation": {"0": 1, "2": 1}})
-    with pytest.raises(ValueError, match=r"labels \['2'\] are not in the label map"):
-        main([str(data), "--output", str(tmp_path / "ckpt"), *FAST, "--label-map", "0->low"])
+def test_dataset_labels_are_mapped_onto_grades_and_verdicts(tmp_path: Path) -> None:
+    raw = write_patch_dataset(tmp_path / "raw", {"train": {"face": 6, "0": 3, "3": 3},
+                                                 "validation": {"face": 2, "0": 1, "3": 1}})
+    label_map = "0->mild;1->moderate;2->severe;3->very_severe;face->clear"
+    metrics = _train([str(raw)], tmp_path / "ckpt", "--epochs", "1", "--epoch-patches", "32", "--label-map", label_map)
+    by_source = metrics["validation"]["binary"]["by_source"]
+    assert {t: g["faces"] for t, g in by_source["raw"].items()} == {"clear": 2, "acne": 2}
+    assert metrics["validation"]["severity"]["per_class"]["very_severe"]["support"] == 1
+    assert Classifier.load(str(tmp_path / "ckpt")).cfg.label_map == {
+        "0": "mild", "1": "moderate", "2": "severe", "3": "very_severe", "face": "clear"
+    }
+    with pytest.raises(ValueError, match=r"labels \['face'\] are neither grades .* map them with --label-map"):
+        main([str(raw), "--output", str(tmp_path / "x"), *FAST, "--label-map", "0->mild;3->very_severe"])
 
 
-def test_lesion_counts_are_learned_and_grade_faces_by_evidence(tmp_path: Path) -> None:
-    grades = {"0": (0, 1), "1": (6, 8)}
-    data = write_patch_dataset(
-        tmp_path / "lesions",
-        {"train": {"0": 10, "1": 10}, "validation": {"0": 5, "1": 5}},
-        patches_per_face=4,
-        size=32,
-        lesion_grades=grades,
-    )
-    metrics = _train(data, tmp_path / "ckpt", "--epochs", "6", "--aggregation", "evidence", "--lr", "5e-3")
-    assert metrics["aggregation"] == "evidence"
-    assert metrics["validation"]["accuracy"] >= 0.9
-    assert metrics["history"][-1]["val_face_lesion_mae"] < metrics["history"][0]["val_face_lesion_mae"] + 1e-9
-    clf = Classifier.load(str(tmp_path / "ckpt"))
-    assert clf.cfg.patch_output == "count" and clf.cfg.count_output
-    # New labels for the same lesions: keep the counting network, refit only the face decision.
-    refit = _train(
-        data, tmp_path / "refit", "--init", str(tmp_path / "ckpt"), "--epochs", "0",
-        "--label-map", "0->clear;1->acne", "--classes", "clear,acne",
-    )
-    with pytest.raises(ValueError, match="pass --input-size 24"):
-        main([str(data), "--output", str(tmp_path / "x"), *FAST, "--input-size", "32", "--init", str(tmp_path / "ckpt")])
-    evidence = refit["validation_by_aggregation"]["evidence"]
-    assert evidence["accuracy"] == metrics["validation"]["accuracy"]
-    assert refit["classes"] == ["clear", "acne"]
+def test_training_data_without_a_clear_face_is_refused(tmp_path: Path) -> None:
+    data = write_patch_dataset(tmp_path / "acne_only", {"train": {"mild": 2, "severe": 2}, "validation": {"mild": 1}})
+    with pytest.raises(ValueError, match="needs both clear and acne faces .*label some faces 'clear'"):
+        main([str(data), "--output", str(tmp_path / "ckpt"), *FAST])
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_validation_without_a_clear_face_is_refused(tmp_path: Path) -> None:
+    data = write_patch_dataset(tmp_path / "d", {"train": {"clear": 6, "mild": 3, "severe": 3},
+                                                "validation": {"mild": 2, "severe": 2}})
+    with pytest.raises(ValueError, match="validation split needs both clear and acne faces"):
+        main([str(data), "--output", str(tmp_path / "ckpt"), *FAST, "--epochs", "1", "--epoch-patches", "32"])
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_a_face_in_two_splits_is_refused(tmp_path: Path) -> None:
@@ -92,13 +134,29 @@ def test_a_face_in_two_splits_is_refused(tmp_path: Path) -> None:
     table = pq.read_table(part)
     table = table.set_column(0, "image_id", pc.replace_substring(table["image_id"], "validation", "train"))
     pq.write_table(table, part)
-    with pytest.raises(ValueError, match="has patches in splits"):
+    with pytest.raises(ValueError, match="face 'train-acne-0' has patches in splits 'train' and 'validation'"):
         main([str(data), "--output", str(tmp_path / "ckpt"), *FAST])
+
+
+def test_warm_start_from_another_input_size_is_refused(mixed: Path, tmp_path: Path) -> None:
+    save_untrained_classifier(str(tmp_path / "init"), input_size=32)
+    with pytest.raises(ValueError, match="has input_size 32 but this run uses 24; pass --input-size 32"):
+        main([str(mixed), "--output", str(tmp_path / "ckpt"), *FAST, "--init", str(tmp_path / "init")])
+
+
+def test_zero_epochs_from_a_trained_checkpoint_only_recalibrates(trained: tuple[Path, dict], mixed: Path,
+                                                                tmp_path: Path) -> None:
+    ckpt, metrics = trained
+    refit = _train([str(mixed)], tmp_path / "refit", "--init", str(ckpt), "--epochs", "0")
+    assert [row["epoch"] for row in refit["history"]] == [0]
+    assert refit["validation"]["binary"]["macro_f1"] == metrics["validation"]["binary"]["macro_f1"]
+    assert refit["config"]["verdict_threshold"] == pytest.approx(metrics["config"]["verdict_threshold"])
 
 
 def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--label-map", "--lesion-target", "--aggregation", "--balance", "--seed", "--classes", "--init"):
-        assert flag in text
+    for flag in ("NAME=", "@0.5", "--label-map", "--classes", "--epoch-patches", "--source-weight", "--count-weight",
+                 "--init", "--seed", "--input-size", "--threads"):
+        assert flag in text, flag

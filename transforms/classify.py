@@ -2,7 +2,8 @@
 
 One element is one face with its patches. A batch holds as many faces as fit in
 ``--classifier-batch-size`` patches, so small faces share a forward pass; the results are
-split back per face and aggregated into the face's class probabilities.
+split back per face, and each face is judged from its patches' expected lesions: verdict,
+acne probability, lesion count and (for acne) severity.
 """
 from __future__ import annotations
 
@@ -14,28 +15,43 @@ import numpy as np
 import torch
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from models.classifier import Classifier
+from models.classifier import Classifier, FaceScore
 from transforms.patches import patch_id
-from transforms.records import FILTERED, KEPT, ImageRecord, Outcome
+from transforms.records import KEPT, ImageRecord, Outcome, failed_batch
 
 STAGE = "classify"
 
 
 @dataclass(frozen=True)
 class ScoredFace:
-    """A face with its per-patch and aggregated class probabilities."""
+    """A face with its patches' expected lesions and its answer."""
 
     record: ImageRecord
-    patch_probs: np.ndarray
-    patch_scores: np.ndarray
-    face_probs: np.ndarray
-    classes: tuple[str, ...]
+    patch_lesions: np.ndarray
+    score: FaceScore
+    probabilities: dict[str, float]
+
+
+def judge_faces(model: Classifier, records: Sequence[ImageRecord], lesions: np.ndarray,
+                threshold: Optional[float] = None) -> list[ScoredFace]:
+    """Split a batch's per-patch expected lesions back per face and judge each face.
+
+    The one path from patch outputs to face answers, for the job and the benchmark's loop alike.
+    """
+    scored, start = [], 0
+    for record in records:
+        mine = lesions[start : start + len(record.patches)]
+        start += len(record.patches)
+        face = model.judge(mine, threshold)
+        scored.append(ScoredFace(record, mine, face, face.probabilities(model.cfg)))
+    return scored
 
 
 class AcneClassifierHandler(ModelHandler[ImageRecord, ScoredFace, Classifier]):
     """Loads the classifier once per worker process; scores batches of faces."""
 
-    def __init__(self, checkpoint: str, device: str = "cpu", max_patches: int = 64, torch_threads: int = 0):
+    def __init__(self, checkpoint: str, device: str = "cpu", max_patches: int = 64, torch_threads: int = 0,
+                 verdict_threshold: Optional[float] = None):
         # With element_size_fn, BatchElements sizes a batch by its total patch count; min = max
         # fills each batch as far as faces fit instead of ramping up from a single face.
         super().__init__(min_batch_size=max_patches, max_batch_size=max_patches, element_size_fn=_patch_count)
@@ -43,6 +59,7 @@ class AcneClassifierHandler(ModelHandler[ImageRecord, ScoredFace, Classifier]):
         self._device = device
         self._max_patches = max_patches
         self._torch_threads = torch_threads
+        self._threshold = verdict_threshold
 
     def load_model(self) -> Classifier:
         if self._torch_threads:
@@ -52,16 +69,8 @@ class AcneClassifierHandler(ModelHandler[ImageRecord, ScoredFace, Classifier]):
     def run_inference(
         self, batch: Sequence[ImageRecord], model: Classifier, inference_args: Optional[dict[str, Any]] = None
     ) -> Iterable[ScoredFace]:
-        pixels = [p.pixels for r in batch for p in r.patches]
-        probs = model.probs_from_outputs(model.forward_patches(pixels, self._max_patches))
-        scored, start = [], 0
-        for record in batch:
-            mine = probs[start : start + len(record.patches)]
-            start += len(record.patches)
-            scored.append(
-                ScoredFace(record, mine, model.patch_scores(mine), model.aggregate(mine), tuple(model.cfg.classes))
-            )
-        return scored
+        lesions = model.predict_lesions([p.pixels for r in batch for p in r.patches], self._max_patches)
+        return judge_faces(model, batch, lesions, self._threshold)
 
     def get_num_bytes(self, batch: Sequence[ImageRecord]) -> int:
         return sum(p.pixels.nbytes for r in batch for p in r.patches)
@@ -74,13 +83,6 @@ def _patch_count(record: ImageRecord) -> int:
     return len(record.patches)
 
 
-def _failed_batch(failure: tuple[Sequence[ImageRecord], Any]) -> Iterator[Outcome]:
-    batch, error = failure
-    exc = error if isinstance(error, BaseException) else RuntimeError(str(error))
-    for record in batch:
-        yield Outcome.failed(record.image_id, record.source_uri, STAGE, exc)
-
-
 class ClassifyFaces(beam.PTransform):
     """Faces with patches -> (ScoredFace, failed Outcomes)."""
 
@@ -90,13 +92,13 @@ class ClassifyFaces(beam.PTransform):
 
     def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         main, other = records | "RunClassifier" >> RunInference(self._handler).with_exception_handling()
-        return main, other.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch)
+        return main, other.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch, STAGE)
 
 
 def score_row(face: ScoredFace, top_k: int, segmenter_sha: str, classifier_sha: str) -> dict[str, Any]:
     """One ``SCORE_SCHEMA`` row for a scored face."""
-    record, patches = face.record, face.record.patches
-    order = np.argsort(-face.patch_scores, kind="stable")[:top_k]
+    record, patches, answer = face.record, face.record.patches, face.score
+    order = np.argsort(-face.patch_lesions, kind="stable")[:top_k]
     return {
         "image_id": record.image_id,
         "source_uri": record.source_uri,
@@ -104,10 +106,13 @@ def score_row(face: ScoredFace, top_k: int, segmenter_sha: str, classifier_sha: 
         "reason": "",
         "skin_fraction": record.skin_fraction,
         "patches_used": len(patches),
-        "probabilities": {c: float(p) for c, p in zip(face.classes, face.face_probs)},
-        "predicted_class": face.classes[int(np.argmax(face.face_probs))],
+        "verdict": answer.verdict,
+        "acne_probability": answer.acne_probability,
+        "lesion_count": answer.lesion_count,
+        "severity": answer.severity,
+        "probabilities": face.probabilities,
         "top_patches": [
-            {"x": patches[i].x, "y": patches[i].y, "size": patches[i].size, "score": float(face.patch_scores[i])}
+            {"x": patches[i].x, "y": patches[i].y, "size": patches[i].size, "score": float(face.patch_lesions[i])}
             for i in order
         ],
         "label": record.label,
@@ -125,8 +130,11 @@ def unscored_row(outcome: Outcome, segmenter_sha: str, classifier_sha: str) -> d
         "reason": outcome.reason,
         "skin_fraction": outcome.skin_fraction,
         "patches_used": 0,
+        "verdict": None,
+        "acne_probability": None,
+        "lesion_count": None,
+        "severity": None,
         "probabilities": {},
-        "predicted_class": None,
         "top_patches": [],
         "label": outcome.label,
         "segmenter_sha256": segmenter_sha,
@@ -137,7 +145,7 @@ def unscored_row(outcome: Outcome, segmenter_sha: str, classifier_sha: str) -> d
 def patch_rows(face: ScoredFace) -> Iterator[dict[str, Any]]:
     """``PATCH_SCORE_SCHEMA`` rows: one per scored patch."""
     record = face.record
-    for patch, probs, score in zip(record.patches, face.patch_probs, face.patch_scores):
+    for patch, lesions in zip(record.patches, face.patch_lesions):
         yield {
             "image_id": record.image_id,
             "patch_id": patch_id(record.image_id, patch),
@@ -145,8 +153,7 @@ def patch_rows(face: ScoredFace) -> Iterator[dict[str, Any]]:
             "y": patch.y,
             "size": patch.size,
             "skin_fraction": patch.skin_fraction,
-            "probabilities": {c: float(p) for c, p in zip(face.classes, probs)},
-            "score": float(score),
+            "lesions": float(lesions),
         }
 
 
@@ -156,7 +163,3 @@ def scored_outcome(face: ScoredFace) -> Outcome:
         record.image_id, record.source_uri, KEPT, STAGE, skin_fraction=record.skin_fraction,
         patch_count=len(record.patches), label=record.label,
     )
-
-
-def is_filtered(outcome: Outcome) -> bool:
-    return outcome.status == FILTERED

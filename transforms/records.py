@@ -8,7 +8,7 @@ the one row per input image that says whether it was kept, filtered (and why) or
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -91,3 +91,20 @@ class Outcome:
         if isinstance(exc, BaseException):
             return cls(image_id, source_uri, FAILED, stage, str(exc) or repr(exc), type(exc).__name__)
         return cls(image_id, source_uri, FAILED, stage, exc, "InvalidInput")
+
+
+def failed_batch(failure: tuple[Sequence["ImageRecord"], Any], stage: str) -> Iterator[Outcome]:
+    """One failed Outcome per record of a batch that RunInference's exception handling gave up on.
+
+    Beam hands over the error as ``(exception type, repr, traceback lines)``, not the exception:
+    the type names the error and the repr is the reason, without the traceback.
+    """
+    batch, error = failure
+    if isinstance(error, BaseException):
+        error_type, reason = type(error).__name__, str(error) or repr(error)
+    elif isinstance(error, tuple) and len(error) >= 2 and isinstance(error[0], type):
+        error_type, reason = error[0].__name__, str(error[1])
+    else:
+        error_type, reason = "RuntimeError", str(error)
+    for record in batch:
+        yield Outcome(record.image_id, record.source_uri, FAILED, stage, reason, error_type)

@@ -18,6 +18,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from models.dataset import FACES_DIR, OUTCOME_SCHEMA, SCORE_SCHEMA, SCORES_DIR, join, read_parquet_dir  # noqa: E402
 
 REPORT = "report.png"
+VERDICT_COLOURS = {"clear": "#2a9d8f", "acne": "#e76f51", "no usable skin": "#adb5bd"}
+SEVERITY_SHADES = ("#f4a261", "#e76f51", "#c1121f", "#780000")
 COLOURS = {"kept": "#2a9d8f", "filtered": "#e9c46a", "failed": "#e76f51"}
 
 
@@ -28,7 +30,7 @@ def write_report(output: str, job: str, min_face_skin: float) -> str:
         (f["status"], f["status"] if f["status"] == "kept" else f"{f['stage']}: {f['error_type'] or f['reason']}"[:48])
         for f in faces
     )
-    scores = read_parquet_dir(join(output, SCORES_DIR), SCORE_SCHEMA, ["predicted_class"]).column(0).to_pylist()
+    scores = read_parquet_dir(join(output, SCORES_DIR), SCORE_SCHEMA, ["verdict", "severity"]).to_pylist()
     panels = 3 if scores else 2
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), gridspec_kw={"width_ratios": [1.2] + [1] * (panels - 1)})
     left, right = axes[0], axes[1]
@@ -46,13 +48,7 @@ def write_report(output: str, job: str, min_face_skin: float) -> str:
     right.set_title("skin per face")
     right.legend()
     if scores:
-        classes = Counter(c for c in scores if c is not None)
-        names = sorted(classes)
-        # Positions, not the names: class names such as "0".."3" would be taken for numbers.
-        axes[2].bar(range(len(names)), [classes[n] for n in names], color="#264653", tick_label=names)
-        axes[2].set_xlabel("predicted class")
-        axes[2].set_ylabel("images")
-        axes[2].set_title(f"verdicts ({scores.count(None)} without usable skin)")
+        draw_verdicts(axes[2], scores)
     for axis in [left.xaxis, right.yaxis] + ([axes[2].yaxis] if scores else []):
         axis.set_major_locator(MaxNLocator(integer=True))  # image counts
     fig.tight_layout()
@@ -63,3 +59,26 @@ def write_report(output: str, job: str, min_face_skin: float) -> str:
     with fsspec.open(path, "wb") as f:
         f.write(buf.getvalue())
     return path
+
+
+def draw_verdicts(ax: plt.Axes, scores: list[dict]) -> None:
+    """One bar per verdict; the acne bar is stacked by severity grade, named in the legend."""
+    verdicts = Counter(r["verdict"] or "no usable skin" for r in scores)
+    names = [v for v in ("clear", "acne", "no usable skin") if verdicts[v]] + sorted(
+        v for v in verdicts if v not in VERDICT_COLOURS)
+    grades = Counter(r["severity"] for r in scores if r["verdict"] == "acne")
+    for i, name in enumerate(names):
+        if name == "acne" and grades:
+            bottom = 0
+            for shade, (grade, n) in zip(SEVERITY_SHADES * 2, sorted(grades.items(), key=lambda g: str(g[0]))):
+                ax.bar(i, n, bottom=bottom, color=shade, label=f"acne: {grade}")
+                bottom += n
+        else:
+            ax.bar(i, verdicts[name], color=VERDICT_COLOURS.get(name, "#264653"))
+    # Positions, not the names, on the axis: matplotlib would treat string bars as categories.
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlabel("verdict")
+    ax.set_ylabel("images")
+    ax.set_title(f"verdicts of {len(scores)} images")
+    if grades:
+        ax.legend(title="severity")

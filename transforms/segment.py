@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import apache_beam as beam
 import torch
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from models.segmenter import Segmenter
-from transforms.records import ImageRecord, Outcome
+from transforms.records import ImageRecord, failed_batch
 
 STAGE = "segment"
 # Images per forward pass on a CPU. Larger batches cost more per image: at 256 px the
@@ -48,13 +48,6 @@ class SkinSegmenterHandler(ModelHandler[ImageRecord, ImageRecord, Segmenter]):
         return "acne.segment"
 
 
-def _failed_batch(failure: tuple[Sequence[ImageRecord], Any]) -> Iterator[Outcome]:
-    batch, error = failure
-    exc = error if isinstance(error, BaseException) else RuntimeError(str(error))
-    for record in batch:
-        yield Outcome.failed(record.image_id, record.source_uri, STAGE, exc)
-
-
 class SegmentSkin(beam.PTransform):
     """Decoded ImageRecords -> (records with ``mask`` and ``skin_fraction``, failed Outcomes)."""
 
@@ -64,5 +57,5 @@ class SegmentSkin(beam.PTransform):
 
     def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         main, other = records | "RunSegmenter" >> RunInference(self._handler).with_exception_handling()
-        failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch)
+        failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch, STAGE)
         return main, failed
