@@ -88,6 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-weight", type=float, default=0.3, help="weight of the auxiliary grade loss")
     p.add_argument("--calibration-faces", type=int, default=300,
                    help="graded train faces the per-epoch severity fit uses (0 = all); the kept epoch is refitted on all")
+    p.add_argument("--severity-datasets", nargs="+", default=None, metavar="NAME",
+                   help="fit the severity curve on the graded train faces of these datasets only (default: every "
+                        "dataset); lesion totals of a source at another scale need not follow the same curve")
     p.add_argument("--init", default=None,
                    help="classifier checkpoint to start from (same arch and input size); tensors whose shape "
                         "fits are reused")
@@ -226,6 +229,14 @@ class Trainer:
         self.device = torch.device(args.device)
         self.network.to(self.device)
         self.sample_p = self._sampling_weights()
+        names = set(args.severity_datasets or self.train.face_datasets)
+        unknown = names - set(self.train.face_datasets)
+        if unknown:
+            raise ValueError(f"--severity-datasets {sorted(unknown)} are not among the datasets "
+                             f"{sorted(set(self.train.face_datasets))}")
+        self.severity_faces = np.isin(self.train.face_datasets, sorted(names))
+        if not (self.severity_faces & (self.grade_train >= 0)).any():
+            raise ValueError("no graded train face to fit the severity curve on: give faces a grade label")
         for split, data, verdict in (("train", self.train, self.verdict_train), ("validation", self.val, self.verdict_val)):
             by_source: dict[str, list[int]] = {}
             for s, v in zip(data.face_sources, verdict):
@@ -319,7 +330,7 @@ class Trainer:
 
     def evaluate(self, calibration_faces: int) -> dict[str, Any]:
         """Calibrate on this epoch's outputs and score the validation faces."""
-        graded = np.nonzero(self.grade_train >= 0)[0]
+        graded = np.nonzero((self.grade_train >= 0) & self.severity_faces)[0]
         if calibration_faces > 0:
             graded = np.sort(np.random.default_rng(self.args.seed).permutation(graded)[:calibration_faces])
         train_totals = self._face_lesions(self.train, graded)[graded]

@@ -127,6 +127,16 @@ def test_validation_without_a_clear_face_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_the_severity_curve_is_fitted_on_the_named_datasets_only(mixed: Path, tmp_path: Path) -> None:
+    clear_only = write_patch_dataset(tmp_path / "clear", {"train": {"clear": 4}, "validation": {"clear": 2}})
+    with pytest.raises(ValueError, match=r"--severity-datasets \['elsewhere'\] are not among the datasets"):
+        main([str(mixed), "--output", str(tmp_path / "x"), *FAST, "--severity-datasets", "elsewhere"])
+    with pytest.raises(ValueError, match="no graded train face to fit the severity curve on"):
+        main([str(mixed), f"faces={clear_only}", "--output", str(tmp_path / "y"), *FAST,
+              "--severity-datasets", "faces"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_a_face_in_two_splits_is_refused(tmp_path: Path) -> None:
     data = write_patch_dataset(tmp_path / "d", {"train": {"clear": 2, "acne": 2}, "validation": {"acne": 1}})
     # Rename the validation face so that it collides with a training face.
