@@ -13,7 +13,8 @@ kept out of training), with a ``labels.csv`` per folder and a VOC file per image
 sources keep their boxes, and a clear face gets an empty one, so its patches carry
 ``lesion_count`` 0. Splits group what would leak: ACNE04 keeps its own train/valid split (no
 ``source_id`` is shared); a deteksi ``-seg`` file joins its original, and near-duplicate
-photos (equal 16×16 thumbnails) share one group; CelebA-HQ faces split by a hash of the id.
+photos (equal 16×16 thumbnails) share one group; CelebA-HQ and Pratheepan photos split by a
+hash of the id. The FASSEG portraits and the FFHQ photo are never trained on.
 The printed build_dataset commands turn every folder into a patch dataset.
 """
 from __future__ import annotations
@@ -36,10 +37,10 @@ log = logging.getLogger("prepare_acne_data")
 
 # Shrink factors per source: ACNE04 close-ups down to FFHQ's lesion size, and clear faces down
 # to the same face sizes, so that scale alone never tells acne from clear.
-SCALES = {"acne04": (1.0, 0.5, 0.3), "deteksi": (1.0, 0.6), "celebahq": (1.0, 0.5, 0.35)}
-# Clear-skin sources never trained on, scored only by evaluate_classifier.
+SCALES = {"acne04": (1.0, 0.5, 0.3), "deteksi": (1.0, 0.6), "celebahq": (1.0, 0.5, 0.35), "pratheepan": (1.0, 0.5)}
+# Clear-skin sources never trained on, scored only by evaluate_classifier: lab portraits and FFHQ.
 HELD_OUT_CLEAR = {"fasseg_frontal": "skin/fasseg_frontal/images", "fasseg_multipose": "skin/fasseg_multipose/images",
-                  "pratheepan": "skin/pratheepan/images", "ffhq": "ffhq"}
+                  "ffhq": "ffhq"}
 SEVERITY_LABELS = {"0": "mild", "1": "moderate", "2": "severe", "3": "very_severe"}
 CLEAR, ACNE = "clear", "acne"
 VALID_SHARE = 0.2
@@ -133,6 +134,12 @@ def celebahq(data: Path) -> Iterator[Photo]:
         yield Photo(path, CLEAR, hash_split(path.stem))
 
 
+def pratheepan(data: Path) -> Iterator[Photo]:
+    """Web photos of clear skin, often with bodies, hands and patterned clothes around the face."""
+    for path in _images(data / "skin" / "pratheepan" / "images"):
+        yield Photo(path, CLEAR, hash_split(path.stem))
+
+
 def held_out(data: Path, source: str) -> Iterator[Photo]:
     for path in _images(data / HELD_OUT_CLEAR[source]):
         yield Photo(path, CLEAR, "eval")
@@ -192,7 +199,7 @@ def build_command(folder: Path, dataset: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     args = parse_args(argv)
-    readers = {"acne04": acne04, "deteksi": deteksi, "celebahq": celebahq}
+    readers = {"acne04": acne04, "deteksi": deteksi, "celebahq": celebahq, "pratheepan": pratheepan}
     for source in args.sources:
         photos = list(readers[source](args.data) if source in readers else held_out(args.data, source))
         for scale in SCALES.get(source, (1.0,)):
