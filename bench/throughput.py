@@ -400,7 +400,7 @@ def _random_checkpoint(kind: str, path: str) -> None:
         from models.classifier import Classifier, ClassifierConfig
         from models.classifier import build_network as build_classifier
 
-        cfg = ClassifierConfig(classes=("0", "1", "2", "3"))
+        cfg = ClassifierConfig.untrained()
         Classifier(build_classifier(cfg), cfg).save(path)
 
 

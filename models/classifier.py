@@ -72,6 +72,13 @@ class ClassifierConfig:
     training: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
+    def untrained(cls, **overrides: Any) -> "ClassifierConfig":
+        """A valid config before any calibration: flat severity curves over ``classes`` (for a new
+        network, a benchmark or a test); the trainer replaces every curve."""
+        n = len(overrides.get("classes", cls.__dataclass_fields__["classes"].default))
+        return cls(**{"severity_slopes": (0.0,) * n, "severity_bias": (0.0,) * n, **overrides})
+
+    @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ClassifierConfig":
         if "acne_slope" not in raw:
             raise CheckpointError(

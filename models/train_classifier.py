@@ -203,7 +203,7 @@ class Trainer:
             raise ValueError(f"the datasets need patches in both train ({len(self.train)}) and validation "
                              f"({len(self.val)})")
         classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
-        self.cfg = ClassifierConfig(classes=classes, arch=args.arch, input_size=args.input_size)
+        self.cfg = ClassifierConfig.untrained(classes=classes, arch=args.arch, input_size=args.input_size)
         self.verdict_train, self.grade_train = self._targets(self.train)
         self.verdict_val, self.grade_val = self._targets(self.val)
         for split, verdict in (("train", self.verdict_train), ("validation", self.verdict_val)):

@@ -139,7 +139,7 @@ def make_checkpoints(root: Path) -> tuple[str, str]:
                     module.weight.zero_()
                     module.bias.fill_(8.0)
         Segmenter(network, seg_cfg).save(seg_uri)
-        cls_cfg = ClassifierConfig(classes=("0", "1"), input_size=64)
+        cls_cfg = ClassifierConfig.untrained(input_size=64)
         Classifier(build_classifier(cls_cfg), cls_cfg).save(cls_uri)
     return seg_uri, cls_uri
 

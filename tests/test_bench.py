@@ -17,7 +17,7 @@ from models.classifier import build_network as build_classifier
 from models.segmenter import Segmenter, SegmenterConfig, build_network
 
 SMALL_SEGMENTER = SegmenterConfig(input_size=64, model_kwargs={"decoder_channels": [16, 16, 16, 16, 16]})
-SMALL_CLASSIFIER = ClassifierConfig(classes=("0", "1", "2", "3"), input_size=32)
+SMALL_CLASSIFIER = ClassifierConfig.untrained(input_size=32)
 
 
 @pytest.fixture(scope="module")
