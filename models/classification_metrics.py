@@ -63,26 +63,6 @@ def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     }
 
 
-def pr_curve(y_true: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
-    """Precision-recall points (one per distinct score) and average precision (step-wise area)."""
-    y = np.asarray(y_true, bool)
-    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
-    s, y = np.asarray(scores, np.float64)[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1] if len(s) else np.zeros(0, np.int64)
-    tps, fps = np.cumsum(y)[last], np.cumsum(~y)[last]
-    pos = max(int(y.sum()), 1)
-    precision = tps / np.maximum(tps + fps, 1)
-    recall = tps / pos
-    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-    return {
-        "precision": precision.tolist(),
-        "recall": recall.tolist(),
-        "thresholds": s[last].tolist(),
-        "average_precision": ap,
-        "positive_rate": float(y.mean()) if len(y) else 0.0,
-    }
-
-
 def source_rates(y_true: np.ndarray, predicted: np.ndarray, sources: Sequence[str], verdicts: Sequence[str]) -> dict[str, Any]:
     """Per source: how often each true verdict was called acne (TPR for acne faces, FPR for clear ones)."""
     y, hit, src = np.asarray(y_true), np.asarray(predicted, bool), np.asarray(sources)

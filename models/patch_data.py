@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -179,22 +179,3 @@ def parse_label_map(spec: str) -> dict[str, str]:
                 raise ValueError(f"label {source!r} is mapped twice in {spec!r}")
             mapping[source] = target
     return mapping
-
-
-def map_labels(labels: Sequence[str | None], mapping: Mapping[str, str]) -> list[str | None]:
-    """Apply a label map (identity when empty); unlabelled faces stay None."""
-    if not mapping:
-        return list(labels)
-    missing = sorted({lab for lab in labels if lab is not None and lab not in mapping})
-    if missing:
-        raise ValueError(f"labels {missing} are not in the label map {dict(mapping)}; add them to --label-map")
-    return [None if lab is None else mapping[lab] for lab in labels]
-
-
-def order_classes(labels: Sequence[str]) -> tuple[str, ...]:
-    """Distinct labels, numerically ordered when they are all numbers (grades), else sorted."""
-    distinct = sorted(set(labels))
-    try:
-        return tuple(sorted(distinct, key=float))
-    except ValueError:
-        return tuple(distinct)
