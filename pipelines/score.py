@@ -1,8 +1,9 @@
 """score: bulk acne scoring of image archives.
 
 Read -> Decode -> Segment -> FilterFaces -> CutPatches -> Classify -> Write: the same stages as
-build_dataset up to the patches, then the classifier scores every patch (batched across
-images) and aggregates them per face. Given a build_dataset output as its one --input, it
+build_dataset up to the patches, then the classifier counts the lesions on every patch
+(batched across images) and judges each face from its total: clear or acne, the acne
+probability, the lesion count and, for acne, the severity grade. Given a build_dataset output as its one --input, it
 scores that dataset's patches instead (ReadPatchDataset -> Classify -> Write). Every input
 ends as one row of ``faces/``; scored and skin-less images also get a row in ``scores/``,
 failures go to ``errors/``.
