@@ -10,14 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
-import apache_beam as beam
 import numpy as np
-import torch
-from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from models.classifier import Classifier, FaceScore
+from transforms.inference import CheckpointHandler, RunCheckpoint
 from transforms.patches import patch_id
-from transforms.records import KEPT, ImageRecord, Outcome, failed_batch
+from transforms.records import KEPT, ImageRecord, Outcome
 
 STAGE = "classify"
 
@@ -47,24 +45,19 @@ def judge_faces(model: Classifier, records: Sequence[ImageRecord], lesions: np.n
     return scored
 
 
-class AcneClassifierHandler(ModelHandler[ImageRecord, ScoredFace, Classifier]):
+class AcneClassifierHandler(CheckpointHandler[ScoredFace, Classifier]):
     """Loads the classifier once per worker process; scores batches of faces."""
+
+    model_class = Classifier
+    stage = STAGE
 
     def __init__(self, checkpoint: str, device: str = "cpu", max_patches: int = 64, torch_threads: int = 0,
                  verdict_threshold: Optional[float] = None):
-        # With element_size_fn, BatchElements sizes a batch by its total patch count; min = max
-        # fills each batch as far as faces fit instead of ramping up from a single face.
-        super().__init__(min_batch_size=max_patches, max_batch_size=max_patches, element_size_fn=_patch_count)
-        self._checkpoint = checkpoint
-        self._device = device
+        # With element_size_fn, BatchElements sizes a batch by its total patch count, so the
+        # fixed batch size fills each batch as far as faces fit.
+        super().__init__(checkpoint, device, max_patches, torch_threads, element_size_fn=_patch_count)
         self._max_patches = max_patches
-        self._torch_threads = torch_threads
         self._threshold = verdict_threshold
-
-    def load_model(self) -> Classifier:
-        if self._torch_threads:
-            torch.set_num_threads(self._torch_threads)
-        return Classifier.load(self._checkpoint, self._device)
 
     def run_inference(
         self, batch: Sequence[ImageRecord], model: Classifier, inference_args: Optional[dict[str, Any]] = None
@@ -75,24 +68,16 @@ class AcneClassifierHandler(ModelHandler[ImageRecord, ScoredFace, Classifier]):
     def get_num_bytes(self, batch: Sequence[ImageRecord]) -> int:
         return sum(p.pixels.nbytes for r in batch for p in r.patches)
 
-    def get_metrics_namespace(self) -> str:
-        return "acne.classify"
-
 
 def _patch_count(record: ImageRecord) -> int:
     return len(record.patches)
 
 
-class ClassifyFaces(beam.PTransform):
+class ClassifyFaces(RunCheckpoint):
     """Faces with patches -> (ScoredFace, failed Outcomes)."""
 
     def __init__(self, handler: AcneClassifierHandler):
-        super().__init__()
-        self._handler = handler
-
-    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        main, other = records | "RunClassifier" >> RunInference(self._handler).with_exception_handling()
-        return main, other.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch, STAGE)
+        super().__init__("RunClassifier", handler)
 
 
 def score_row(face: ScoredFace, top_k: int, segmenter_sha: str, classifier_sha: str) -> dict[str, Any]:
@@ -158,6 +143,7 @@ def patch_rows(face: ScoredFace) -> Iterator[dict[str, Any]]:
 
 
 def scored_outcome(face: ScoredFace) -> Outcome:
+    """The kept Outcome of a scored face."""
     record = face.record
     return Outcome(
         record.image_id, record.source_uri, KEPT, STAGE, skin_fraction=record.skin_fraction,

@@ -9,15 +9,13 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import replace
-from typing import Iterator
+from functools import partial
 
-import apache_beam as beam
 import cv2
 import numpy as np
-from apache_beam.metrics import Metrics
 from PIL import Image
 
-from transforms.records import ImageRecord, Outcome
+from transforms.records import ImageRecord, Outcome, RecordStep, WithOutcomes
 
 # Failures are reported as outcomes with a reason; OpenCV's own stderr warnings would only be noise.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
@@ -81,30 +79,21 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: in
     return pixels
 
 
-class DecodeImages(beam.PTransform):
+def decode_record(
+    record: ImageRecord, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1
+) -> ImageRecord | Outcome:
+    """The record with its pixels in place of its bytes; a failed Outcome with the reason otherwise."""
+    try:
+        pixels = decode_image(record.data or b"", max_pixels, min_size)
+    except Exception as exc:
+        return Outcome.failed(record.image_id, record.source_uri, STAGE, exc)
+    # The encoded bytes are no longer needed; dropping them halves what each record holds.
+    return replace(record, data=None, pixels=pixels)
+
+
+class DecodeImages(WithOutcomes):
     """ImageRecord with bytes -> (ImageRecord with pixels, failed Outcomes)."""
 
     def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1):
-        super().__init__()
-        self._fn = _Decode(max_pixels, min_size)
-
-    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        out = records | "DecodeImage" >> beam.ParDo(self._fn).with_outputs("outcome", main="decoded")
-        return out.decoded, out.outcome
-
-
-class _Decode(beam.DoFn):
-    def __init__(self, max_pixels: int, min_size: int):
-        self._max_pixels = max_pixels
-        self._min_size = min_size
-        self.failed = Metrics.counter("acne", "decode_failed")
-
-    def process(self, record: ImageRecord) -> Iterator[object]:
-        try:
-            pixels = decode_image(record.data or b"", self._max_pixels, self._min_size)
-        except Exception as exc:
-            self.failed.inc()
-            yield beam.pvalue.TaggedOutput("outcome", Outcome.failed(record.image_id, record.source_uri, STAGE, exc))
-            return
-        # The encoded bytes are no longer needed; dropping them halves what each record holds.
-        yield replace(record, data=None, pixels=pixels)
+        step = partial(decode_record, max_pixels=max_pixels, min_size=min_size)
+        super().__init__("DecodeImage", RecordStep(step, "decode_failed"))

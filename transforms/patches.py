@@ -1,19 +1,21 @@
 """Patch: tile a full-resolution face, keep the tiles that are mostly skin, encode them.
 
 ``cut_patches`` is shared by both jobs: build_dataset encodes the patches into Parquet
-rows, score feeds them to the classifier.
+rows, score feeds them to the classifier. ``filter_face``, ``patch_face`` and
+``encode_patches`` are the stages' per-record work, for the job and bench/reference.py alike.
 """
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterator, Optional, Sequence
+from functools import partial
+from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import cv2
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms.records import FILTERED, KEPT, ImageRecord, Outcome, Patch
+from transforms.records import FILTERED, KEPT, OUTCOME, ImageRecord, Outcome, Patch, RecordStep, WithOutcomes
 
 STAGE = "patch"
 FORMATS = ("png", "jpeg", "webp")
@@ -105,112 +107,96 @@ def patch_id(image_id: str, patch: Patch) -> str:
     return f"{image_id}_y{patch.y:05d}_x{patch.x:05d}"
 
 
-class FilterFaces(beam.PTransform):
+def filter_face(record: ImageRecord, min_face_skin: float) -> ImageRecord | Outcome:
+    """The face itself when enough of it is skin; otherwise a filtered Outcome that says why."""
+    if record.skin_fraction is not None and record.skin_fraction >= min_face_skin:
+        return record
+    return Outcome(
+        record.image_id, record.source_uri, FILTERED, "filter_faces",
+        f"skin fraction {record.skin_fraction:.3f} is under --min-face-skin {min_face_skin}",
+        skin_fraction=record.skin_fraction, label=record.label,
+    )
+
+
+def patch_face(
+    record: ImageRecord, size: int, stride: int, min_skin: float, blackout: bool = False
+) -> ImageRecord | Outcome:
+    """The face with its ``patches`` attached; a filtered Outcome when no tile has enough skin."""
+    patches = tuple(cut_patches(record.pixels, record.mask, size, stride, min_skin, blackout))
+    if patches:
+        return replace(record, patches=patches)
+    return Outcome(
+        record.image_id, record.source_uri, FILTERED, STAGE, "no patch reaches --min-patch-skin",
+        skin_fraction=record.skin_fraction, split=record.split, label=record.label,
+    )
+
+
+def encode_patches(
+    record: ImageRecord, fmt: str, quality: int, png_level: int, segmenter_sha256: str
+) -> tuple[list[dict[str, Any]], Outcome]:
+    """A face's ``PATCH_SCHEMA`` rows, and its kept Outcome."""
+    rows = []
+    for patch in record.patches:
+        pid = patch_id(record.image_id, patch)
+        rows.append({
+            "image_id": record.image_id,
+            "patch_id": pid,
+            "split": record.split,
+            "label": record.label,
+            "x": patch.x,
+            "y": patch.y,
+            "size": patch.size,
+            "skin_fraction": patch.skin_fraction,
+            "lesion_count": lesion_count(record.meta.get("lesions"), patch),
+            "image": {"bytes": encode_rgb(patch.pixels, fmt, quality, png_level), "path": f"{pid}.{fmt}"},
+            "mask": {"bytes": encode_mask(patch.mask), "path": f"{pid}.mask.png"},
+            "source_uri": record.source_uri,
+            "segmenter_sha256": segmenter_sha256,
+        })
+    kept = Outcome(
+        record.image_id, record.source_uri, KEPT, STAGE, skin_fraction=record.skin_fraction,
+        patch_count=len(record.patches), split=record.split, label=record.label,
+    )
+    return rows, kept
+
+
+class FilterFaces(WithOutcomes):
     """Segmented records -> (faces with enough skin, filtered Outcomes)."""
 
     def __init__(self, min_face_skin: float):
-        super().__init__()
-        self._min = min_face_skin
-
-    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        out = records | "CheckSkinFraction" >> beam.ParDo(_FilterFace(self._min)).with_outputs("outcome", main="kept")
-        return out.kept, out.outcome
+        step = partial(filter_face, min_face_skin=min_face_skin)
+        super().__init__("CheckSkinFraction", RecordStep(step, "faces_filtered_low_skin"))
 
 
-class _FilterFace(beam.DoFn):
-    def __init__(self, min_face_skin: float):
-        self._min = min_face_skin
-        self.filtered = Metrics.counter("acne", "faces_filtered_low_skin")
-
-    def process(self, record: ImageRecord) -> Iterator[object]:
-        if record.skin_fraction is not None and record.skin_fraction >= self._min:
-            yield record
-            return
-        self.filtered.inc()
-        yield beam.pvalue.TaggedOutput(
-            "outcome",
-            Outcome(
-                record.image_id, record.source_uri, FILTERED, "filter_faces",
-                f"skin fraction {record.skin_fraction:.3f} is under --min-face-skin {self._min}",
-                skin_fraction=record.skin_fraction, label=record.label,
-            ),
-        )
-
-
-class CutPatches(beam.PTransform):
+class CutPatches(WithOutcomes):
     """Faces -> (faces with their ``patches`` attached, filtered Outcomes for faces with none)."""
 
     def __init__(self, size: int, stride: int, min_patch_skin: float, blackout: bool = False):
-        super().__init__()
-        self._fn = _CutPatches(size, stride, min_patch_skin, blackout)
-
-    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        out = records | "CutTiles" >> beam.ParDo(self._fn).with_outputs("outcome", main="records")
-        return out.records, out.outcome
+        step = partial(patch_face, size=size, stride=stride, min_skin=min_patch_skin, blackout=blackout)
+        super().__init__("CutTiles", _CutPatches(step, "faces_filtered_no_patch"))
 
 
-class _CutPatches(beam.DoFn):
-    def __init__(self, size: int, stride: int, min_patch_skin: float, blackout: bool):
-        self._args = (size, stride, min_patch_skin, blackout)
-        self.patches = Metrics.counter("acne", "patches")
-        self.no_patch = Metrics.counter("acne", "faces_filtered_no_patch")
+class _CutPatches(RecordStep):
+    def setup(self) -> None:
+        super().setup()
+        self._patches = Metrics.counter("acne", "patches")
 
-    def process(self, record: ImageRecord) -> Iterator[object]:
-        patches = tuple(cut_patches(record.pixels, record.mask, *self._args))
-        self.patches.inc(len(patches))
-        if patches:
-            yield replace(record, patches=patches)
-            return
-        self.no_patch.inc()
-        yield beam.pvalue.TaggedOutput(
-            "outcome",
-            Outcome(
-                record.image_id, record.source_uri, FILTERED, STAGE, "no patch reaches --min-patch-skin",
-                skin_fraction=record.skin_fraction, split=record.split, label=record.label,
-            ),
-        )
+    def passed(self, record: ImageRecord) -> None:
+        self._patches.inc(len(record.patches))
 
 
-class EncodePatchRows(beam.PTransform):
+class EncodePatchRows(WithOutcomes):
     """Faces with patches -> (``PATCH_SCHEMA`` rows, one kept Outcome per face)."""
 
     def __init__(self, fmt: str, quality: int, png_level: int, segmenter_sha256: str):
-        super().__init__()
-        self._fn = _EncodePatchRows(fmt, quality, png_level, segmenter_sha256)
-
-    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        out = records | "Encode" >> beam.ParDo(self._fn).with_outputs("outcome", main="rows")
-        return out.rows, out.outcome
+        super().__init__("Encode", _EncodePatchRows(fmt, quality, png_level, segmenter_sha256))
 
 
 class _EncodePatchRows(beam.DoFn):
-    def __init__(self, fmt: str, quality: int, png_level: int, segmenter_sha256: str):
-        self._encode = (fmt, quality, png_level)
-        self._sha = segmenter_sha256
+    def __init__(self, *encoding: Any):
+        self._encoding = encoding
 
     def process(self, record: ImageRecord) -> Iterator[object]:
-        fmt = self._encode[0]
-        for patch in record.patches:
-            pid = patch_id(record.image_id, patch)
-            yield {
-                "image_id": record.image_id,
-                "patch_id": pid,
-                "split": record.split,
-                "label": record.label,
-                "x": patch.x,
-                "y": patch.y,
-                "size": patch.size,
-                "skin_fraction": patch.skin_fraction,
-                "lesion_count": lesion_count(record.meta.get("lesions"), patch),
-                "image": {"bytes": encode_rgb(patch.pixels, *self._encode), "path": f"{pid}.{fmt}"},
-                "mask": {"bytes": encode_mask(patch.mask), "path": f"{pid}.mask.png"},
-                "source_uri": record.source_uri,
-                "segmenter_sha256": self._sha,
-            }
-        yield beam.pvalue.TaggedOutput(
-            "outcome",
-            Outcome(
-                record.image_id, record.source_uri, KEPT, STAGE, skin_fraction=record.skin_fraction,
-                patch_count=len(record.patches), split=record.split, label=record.label,
-            ),
-        )
+        rows, kept = encode_patches(record, *self._encoding)
+        yield from rows
+        yield beam.pvalue.TaggedOutput(OUTCOME, kept)

@@ -4,13 +4,19 @@ One image travels as one ``ImageRecord``; each stage fills in what it computes w
 ``dataclasses.replace``. Anything that leaves the main path does so as an ``Outcome``:
 the one row per input image that says whether it was kept, filtered (and why) or failed
 (where and why). The outcomes are how every input is accounted for exactly once.
+
+A stage's work on one record is one plain function, ``record -> next record | Outcome``:
+the Beam job runs it through ``RecordStep`` and bench/reference.py calls it directly, so
+the benchmark's loop cannot drift from the job.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Union
 
+import apache_beam as beam
 import numpy as np
+from apache_beam.metrics import Metrics
 
 KEPT = "kept"
 FILTERED = "filtered"
@@ -93,18 +99,46 @@ class Outcome:
         return cls(image_id, source_uri, FAILED, stage, exc, "InvalidInput")
 
 
-def failed_batch(failure: tuple[Sequence["ImageRecord"], Any], stage: str) -> Iterator[Outcome]:
-    """One failed Outcome per record of a batch that RunInference's exception handling gave up on.
+Step = Callable[[ImageRecord], Union[ImageRecord, Outcome]]
 
-    Beam hands over the error as ``(exception type, repr, traceback lines)``, not the exception:
-    the type names the error and the repr is the reason, without the traceback.
+# The tag under which a stage's Outcomes leave its main output.
+OUTCOME = "outcome"
+
+
+class RecordStep(beam.DoFn):
+    """One stage's per-record function as a DoFn: the next record goes on, an Outcome leaves by ``OUTCOME``.
+
+    ``left_counter`` names the Metrics counter of the records that leave the main path here.
     """
-    batch, error = failure
-    if isinstance(error, BaseException):
-        error_type, reason = type(error).__name__, str(error) or repr(error)
-    elif isinstance(error, tuple) and len(error) >= 2 and isinstance(error[0], type):
-        error_type, reason = error[0].__name__, str(error[1])
-    else:
-        error_type, reason = "RuntimeError", str(error)
-    for record in batch:
-        yield Outcome(record.image_id, record.source_uri, FAILED, stage, reason, error_type)
+
+    def __init__(self, step: Step, left_counter: str):
+        self._step = step
+        self._left_counter = left_counter
+
+    def setup(self) -> None:
+        self._left = Metrics.counter("acne", self._left_counter)
+
+    def process(self, record: ImageRecord) -> Iterator[object]:
+        result = self._step(record)
+        if isinstance(result, Outcome):
+            self._left.inc()
+            yield beam.pvalue.TaggedOutput(OUTCOME, result)
+            return
+        self.passed(result)
+        yield result
+
+    def passed(self, record: ImageRecord) -> None:
+        """Count what a stage measures on the records it passes on; nothing by default."""
+
+
+class WithOutcomes(beam.PTransform):
+    """Records -> (``fn``'s main output, the Outcomes it tags ``OUTCOME``): a ParDo named ``label``."""
+
+    def __init__(self, label: str, fn: beam.DoFn):
+        super().__init__()
+        self._label = label
+        self._fn = fn
+
+    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        main, outcomes = records | self._label >> beam.ParDo(self._fn).with_outputs(OUTCOME, main="main")
+        return main, outcomes

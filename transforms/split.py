@@ -8,13 +8,13 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from dataclasses import replace
-from typing import Iterator, Sequence
-
-import apache_beam as beam
+from functools import partial
+from typing import Sequence
 
 from models.dataset import SPLITS
-from transforms.records import ImageRecord, Outcome
+from transforms.records import ImageRecord, Outcome, RecordStep, WithOutcomes
 
+STAGE = "split"
 MODES = ("hash", "ffhq", "path")
 FFHQ_CATEGORIES = {"training": "train", "validation": "validation"}
 PATH_NAMES = {"train": "train", "training": "train", "valid": "validation", "val": "validation",
@@ -69,24 +69,18 @@ def check_mode(mode: str) -> None:
         raise SplitError(f"--split {mode!r} must be one of {MODES + SPLITS}")
 
 
-class AssignSplit(beam.PTransform):
+def assign_split(record: ImageRecord, mode: str, fractions: Sequence[float]) -> ImageRecord | Outcome:
+    """The record with its ``split`` set; a failed Outcome when nothing places it under ``mode``."""
+    try:
+        return replace(record, split=split_for(record, mode, fractions))
+    except SplitError as exc:
+        return Outcome.failed(record.image_id, record.source_uri, STAGE, exc)
+
+
+class AssignSplit(WithOutcomes):
     """Records -> (records with ``split`` set, failed Outcomes for records no split fits)."""
 
     def __init__(self, mode: str, fractions: Sequence[float]):
-        super().__init__()
         check_mode(mode)
-        self._mode = mode
-        self._fractions = tuple(fractions)
-
-    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        out = records | "SetSplit" >> beam.FlatMap(_assign, self._mode, self._fractions).with_outputs(
-            "outcome", main="records"
-        )
-        return out.records, out.outcome
-
-
-def _assign(record: ImageRecord, mode: str, fractions: Sequence[float]) -> Iterator[object]:
-    try:
-        yield replace(record, split=split_for(record, mode, fractions))
-    except SplitError as exc:
-        yield beam.pvalue.TaggedOutput("outcome", Outcome.failed(record.image_id, record.source_uri, "split", exc))
+        step = partial(assign_split, mode=mode, fractions=tuple(fractions))
+        super().__init__("SetSplit", RecordStep(step, "split_failed"))
