@@ -1,11 +1,13 @@
 """The floor: each job's work as a plain single-process Python loop, with no Beam.
 
 It is the loop a user could write by hand from the project's own functions: read the
-bytes, ``decode_image``, the segmenter's ``preprocess`` / network / ``masks_from_probs``
-(that is ``predict_masks``, split so each stage can be timed), filter, ``cut_patches``,
-then ``encode_rgb`` / ``encode_mask`` and pyarrow (build_dataset) or the classifier and
-``score_row`` (score). It takes the jobs' own flags with the jobs' own defaults, so a
-benchmark compares like with like. ``time.perf_counter`` brackets every stage.
+bytes, ``decode_record``, the segmenter's ``preprocess`` / network / ``masks_from_probs``
+(that is ``predict_masks``, split so each stage can be timed), then the jobs' own
+per-record steps (``filter_face``, ``assign_split``, ``patch_face``, ``encode_patches``)
+and pyarrow (build_dataset) or the classifier, ``judge_faces``, ``score_row`` and
+``scored_outcome`` (score). The stages' functions are the ones the Beam DoFns call, so the
+loop cannot drift from the job. It takes the jobs' own flags with the jobs' own defaults,
+so a benchmark compares like with like. ``time.perf_counter`` brackets every stage.
 
     python -m bench.reference build --input DIR --output OUT --json result.json [job flags]
     python -m bench.reference score --input DIR --output OUT --json result.json [job flags]
@@ -19,6 +21,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -32,12 +35,13 @@ from models.dataset import (
 from models.segmenter import Segmenter
 from pipelines import build_dataset, score
 from pipelines.options import SCORE_MIN_FACE_SKIN, parse, resolve_tiling
-from transforms.classify import judge_faces, score_row
-from transforms.decode import DecodeError, decode_image
-from transforms.patches import cut_patches, encode_mask, encode_rgb, lesion_count, patch_id
+from transforms.classify import judge_faces, score_row, scored_outcome, unscored_row
+from transforms.decode import decode_record
+from transforms.patches import encode_patches, filter_face, patch_face
 from transforms.read import expand_pattern, image_id_from_name, shard_kind
-from transforms.records import FAILED, FILTERED, KEPT, ImageRecord, Outcome
-from transforms.split import hash_split, parse_fractions
+from transforms.records import FAILED, FILTERED, KEPT, ImageRecord, Outcome, Step
+from transforms.segment import with_mask
+from transforms.split import assign_split, parse_fractions
 from transforms.write import RowGroupWriter, outcome_row
 
 STAGES = ("read", "decode", "resize", "inference", "upsample", "patch", "encode", "write")
@@ -90,92 +94,87 @@ def image_files(patterns: Sequence[str]) -> list[str]:
     return sorted(f for p in patterns for f in expand_pattern(p) if shard_kind(f) == "image")
 
 
+def run_steps(record: ImageRecord, steps: Sequence[Step]) -> ImageRecord | Outcome:
+    """The job's per-record steps in order, up to the first Outcome."""
+    result: ImageRecord | Outcome = record
+    for step in steps:
+        result = step(result)
+        if isinstance(result, Outcome):
+            break
+    return result
+
+
 class Loop:
     """What both loops share: files in, decoded batches, masks, faces filtered and tiled."""
 
-    def __init__(self, args: argparse.Namespace, clock: StageClock):
+    def __init__(self, args: argparse.Namespace, clock: StageClock, *between: Step):
+        """``between`` are the job's steps between filtering faces and cutting patches."""
         self.args, self.clock = args, clock
         self.segmenter = Segmenter.load(args.segmenter_checkpoint, args.device)
+        self.steps = (
+            partial(filter_face, min_face_skin=args.min_face_skin),
+            *between,
+            partial(patch_face, size=args.patch_size, stride=args.stride, min_skin=args.min_patch_skin,
+                    blackout=args.blackout_background),
+        )
         out = Path(args.output)
         self.faces = RowGroupWriter(str(out / FACES_DIR / "part-00000.parquet"), OUTCOME_SCHEMA, 256, "zstd")
         self.counts = {"inputs": 0, KEPT: 0, FILTERED: 0, FAILED: 0, "patches": 0}
 
     def outcome(self, outcome: Outcome) -> None:
+        """Count and write one input's fate; patches count from kept outcomes, as in the job's manifest."""
         self.counts[outcome.status] += 1
+        self.counts["patches"] += outcome.patch_count
         with self.clock("write"):
             self.faces.add([outcome_row(outcome)])
 
-    def faces_with_patches(self) -> Iterator[ImageRecord]:
-        """Decode, segment in batches of --batch-size, filter, tile; yield faces that have patches."""
+    def faces_with_patches(self) -> Iterator[ImageRecord | Outcome]:
+        """Decode, segment in batches of --batch-size, filter, tile: faces with patches, or why not."""
         batch: list[ImageRecord] = []
         for path in image_files(self.args.input):
             self.counts["inputs"] += 1
-            image_id = image_id_from_name(path)
             with self.clock("read"):
                 with open(path, "rb") as f:
-                    data = f.read()
-            try:
-                with self.clock("decode"):
-                    pixels = decode_image(data, self.args.max_pixels, self.args.patch_size)
-            except DecodeError as exc:
-                self.outcome(Outcome.failed(image_id, path, "decode", exc))
+                    record = ImageRecord(image_id_from_name(path), path, data=f.read())
+            with self.clock("decode"):
+                decoded = decode_record(record, self.args.max_pixels, self.args.patch_size)
+            if isinstance(decoded, Outcome):
+                yield decoded
                 continue
-            batch.append(ImageRecord(image_id, path, pixels=pixels))
+            batch.append(decoded)
             if len(batch) == self.args.batch_size:
                 yield from self._segment(batch)
                 batch = []
         if batch:
             yield from self._segment(batch)
 
-    def _segment(self, batch: list[ImageRecord]) -> Iterator[ImageRecord]:
-        a = self.args
+    def _segment(self, batch: list[ImageRecord]) -> Iterator[ImageRecord | Outcome]:
         for record, mask in zip(batch, segment(self.segmenter, [r.pixels for r in batch], self.clock)):
-            skin = float(mask.mean())
-            if skin < a.min_face_skin:
-                reason = f"skin fraction {skin:.3f} is under --min-face-skin {a.min_face_skin}"
-                self.outcome(Outcome(record.image_id, record.source_uri, FILTERED, "filter_faces", reason, skin_fraction=skin))
-                continue
+            segmented = with_mask(record, mask)
             with self.clock("patch"):
-                patches = tuple(
-                    cut_patches(record.pixels, mask, a.patch_size, a.stride, a.min_patch_skin, a.blackout_background)
-                )
-            if not patches:
-                self.outcome(Outcome(record.image_id, record.source_uri, FILTERED, "patch",
-                                     "no patch reaches --min-patch-skin", skin_fraction=skin))
-                continue
-            self.counts["patches"] += len(patches)
-            yield ImageRecord(record.image_id, record.source_uri, skin_fraction=skin, patches=patches)
+                result = run_steps(segmented, self.steps)
+            yield result
 
 
 def run_build(args: argparse.Namespace, clock: StageClock) -> Loop:
-    loop = Loop(args, clock)
-    fractions = parse_fractions(args.split_fractions)
+    loop = Loop(args, clock, partial(assign_split, mode=args.split, fractions=parse_fractions(args.split_fractions)))
     out = Path(args.output) / PATCHES_DIR
     sinks: dict[str, RowGroupWriter] = {}
-    sha = loop.segmenter.sha256
-    encoding = (args.patch_format, args.jpeg_quality, args.png_compression)
+    encoding = (args.patch_format, args.jpeg_quality, args.png_compression, loop.segmenter.sha256)
     for face in loop.faces_with_patches():
-        split = hash_split(face.image_id, fractions)
+        if isinstance(face, Outcome):
+            loop.outcome(face)
+            continue
         with clock("encode"):
-            rows = []
-            for patch in face.patches:
-                pid = patch_id(face.image_id, patch)
-                rows.append({
-                    "image_id": face.image_id, "patch_id": pid, "split": split, "label": None,
-                    "x": patch.x, "y": patch.y, "size": patch.size, "skin_fraction": patch.skin_fraction,
-                    "lesion_count": lesion_count(None, patch),
-                    "image": {"bytes": encode_rgb(patch.pixels, *encoding), "path": f"{pid}.{args.patch_format}"},
-                    "mask": {"bytes": encode_mask(patch.mask), "path": f"{pid}.mask.png"},
-                    "source_uri": face.source_uri, "segmenter_sha256": sha,
-                })
+            rows, kept = encode_patches(face, *encoding)
         with clock("write"):
-            if split not in sinks:
-                sinks[split] = RowGroupWriter(
-                    str(out / split / "part-00000.parquet"), PATCH_SCHEMA, build_dataset.PATCH_ROWS_PER_GROUP, "none"
+            if face.split not in sinks:
+                sinks[face.split] = RowGroupWriter(
+                    str(out / face.split / "part-00000.parquet"), PATCH_SCHEMA, build_dataset.PATCH_ROWS_PER_GROUP,
+                    "none",
                 )
-            sinks[split].add(rows)
-        loop.outcome(Outcome(face.image_id, face.source_uri, KEPT, "patch", skin_fraction=face.skin_fraction,
-                             patch_count=len(face.patches), split=split))
+            sinks[face.split].add(rows)
+        loop.outcome(kept)
     with clock("write"):
         for sink in sinks.values():
             sink.close()
@@ -194,17 +193,23 @@ def run_score(args: argparse.Namespace, clock: StageClock) -> Loop:
         lesions = classify(classifier, [p.pixels for f in pending for p in f.patches], args.classifier_batch_size, clock)
         with clock("encode"):
             scored_faces = judge_faces(classifier, pending, lesions, args.verdict_threshold)
-        for face, scored in zip(pending, scored_faces):
+        for scored in scored_faces:
             with clock("encode"):
                 row = score_row(scored, args.top_patches, *shas)
             with clock("write"):
                 scores.add([row])
-            loop.outcome(Outcome(face.image_id, face.source_uri, KEPT, "classify", skin_fraction=face.skin_fraction,
-                                 patch_count=len(face.patches)))
+            loop.outcome(scored_outcome(scored))
         pending.clear()
 
-    # Faces share a classifier batch up to --classifier-batch-size patches, as in the job.
     for face in loop.faces_with_patches():
+        if isinstance(face, Outcome):
+            # As in the job, a face without usable skin still gets its row in scores/.
+            if face.status == FILTERED:
+                with clock("write"):
+                    scores.add([unscored_row(face, *shas)])
+            loop.outcome(face)
+            continue
+        # Faces share a classifier batch up to --classifier-batch-size patches, as in the job.
         if pending and sum(len(f.patches) for f in pending) + len(face.patches) > args.classifier_batch_size:
             flush()
         pending.append(face)
