@@ -1,16 +1,20 @@
 """Patch: tiles cover the face, keep only skin, and encode losslessly by default."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import apache_beam as beam
 import cv2
 import numpy as np
 from apache_beam.testing.util import assert_that, equal_to
 
+from models.dataset import PATCH_SCHEMA
 from tests.images import random_rgb
 from transforms.patches import (
-    CutPatches, EncodePatchRows, FilterFaces, cut_patches, encode_mask, encode_rgb, lesion_count, patch_id, tile_origins,
+    CutPatches, EncodePatchRows, FilterFaces, cut_patches, encode_mask, encode_patches, encode_rgb, filter_face,
+    lesion_count, patch_face, patch_id, tile_origins,
 )
-from transforms.records import ImageRecord, Patch
+from transforms.records import FILTERED, KEPT, ImageRecord, Outcome, Patch
 
 
 def test_tiles_cover_the_whole_side_with_a_last_tile_flush_to_the_edge() -> None:
@@ -87,3 +91,22 @@ def test_patch_stages_keep_skinny_faces_out_and_say_why(pipeline) -> None:
         assert_that(outcomes | beam.Map(lambda o: (o.image_id, o.status, o.stage, o.patch_count)),
                     equal_to([("bare", "filtered", "filter_faces", 0), ("edge", "filtered", "patch", 0),
                               ("skin", "kept", "patch", 1)]), label="outcomes")
+
+
+def test_one_face_goes_through_the_per_record_steps_with_its_label_split_and_lesions() -> None:
+    mask = np.zeros((128, 128), np.uint8)
+    mask[:64] = 1
+    face = ImageRecord("f", "mem://f", label="acne", meta={"lesions": [(10, 10, 20, 20), (70, 70, 80, 80)]},
+                       pixels=random_rgb(128, 128), mask=mask, skin_fraction=0.5, split="test")
+    low = filter_face(face, min_face_skin=0.6)
+    assert isinstance(low, Outcome) and (low.status, low.label) == (FILTERED, "acne") and "0.500" in low.reason
+    assert filter_face(face, min_face_skin=0.5) is face
+    none = patch_face(replace(face, mask=mask * 0), 64, 64, min_skin=0.5)
+    assert isinstance(none, Outcome) and (none.status, none.split) == (FILTERED, "test")
+    patched = patch_face(face, 64, 64, min_skin=0.9)
+    rows, kept = encode_patches(patched, "png", 95, 1, "sha")
+    assert all(set(r) == set(PATCH_SCHEMA.names) for r in rows)
+    assert [(r["x"], r["y"], r["label"], r["split"], r["lesion_count"]) for r in rows] == [
+        (0, 0, "acne", "test", 1), (64, 0, "acne", "test", 0),
+    ]
+    assert (kept.status, kept.patch_count, kept.label, kept.split) == (KEPT, 2, "acne", "test")

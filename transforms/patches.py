@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import partial
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import cv2
@@ -189,14 +189,16 @@ class EncodePatchRows(WithOutcomes):
     """Faces with patches -> (``PATCH_SCHEMA`` rows, one kept Outcome per face)."""
 
     def __init__(self, fmt: str, quality: int, png_level: int, segmenter_sha256: str):
-        super().__init__("Encode", _EncodePatchRows(fmt, quality, png_level, segmenter_sha256))
+        encode = partial(encode_patches, fmt=fmt, quality=quality, png_level=png_level,
+                         segmenter_sha256=segmenter_sha256)
+        super().__init__("Encode", _EncodePatchRows(encode))
 
 
 class _EncodePatchRows(beam.DoFn):
-    def __init__(self, *encoding: Any):
-        self._encoding = encoding
+    def __init__(self, encode: Callable[[ImageRecord], tuple[list[dict[str, Any]], Outcome]]):
+        self._encode = encode
 
     def process(self, record: ImageRecord) -> Iterator[object]:
-        rows, kept = encode_patches(record, *self._encoding)
+        rows, kept = self._encode(record)
         yield from rows
         yield beam.pvalue.TaggedOutput(OUTCOME, kept)
