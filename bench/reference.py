@@ -34,11 +34,13 @@ from pipelines import build_dataset, score
 from pipelines.options import SCORE_MIN_FACE_SKIN, parse, resolve_tiling
 from transforms.classify import judge_faces, score_row
 from transforms.decode import DecodeError, decode_image
+from transforms.finish import outcome_row
 from transforms.patches import cut_patches, encode_mask, encode_rgb, lesion_count, patch_id
-from transforms.read import expand_pattern, image_id_from_name, shard_kind
+from transforms.plan import input_files, shard_kind
 from transforms.records import FAILED, FILTERED, KEPT, ImageRecord, Outcome
+from transforms.sidefiles import image_id_from_name
+from transforms.sink import RowGroupWriter
 from transforms.split import hash_split, parse_fractions
-from transforms.write import RowGroupWriter, outcome_row
 
 STAGES = ("read", "decode", "resize", "inference", "upsample", "patch", "encode", "write")
 
@@ -87,7 +89,7 @@ def classify(model: Classifier, patches: Sequence[np.ndarray], batch_size: int, 
 
 
 def image_files(patterns: Sequence[str]) -> list[str]:
-    return sorted(f for p in patterns for f in expand_pattern(p) if shard_kind(f) == "image")
+    return sorted(f for p in patterns for f in input_files(p) if shard_kind(f) == "image")
 
 
 class Loop:
