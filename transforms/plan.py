@@ -17,7 +17,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.records import ImageRef, Outcome
 from transforms.sidefiles import InputError, image_id_from_name
-from transforms.storage import bucket_refusal, expand_pattern, open_file, with_retries
+from transforms.storage import bucket_refusal, expand_pattern, open_exact, with_retries
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 SHARD_KINDS = {".tar": "tar", ".zip": "zip", ".parquet": "parquet"}
@@ -94,13 +94,15 @@ def plan_shard(uri: str, attempts: int = 3, base_delay: float = 0.2) -> Iterator
         )
         return
     try:
-        with with_retries(lambda: open_file(uri).open(), attempts, base_delay, uri) as f:
+        with with_retries(lambda: open_exact(uri), attempts, base_delay, uri) as f:
             yield from {"tar": _plan_tar, "zip": _plan_zip, "parquet": _plan_parquet}[kind](uri, f)
     except Exception as exc:
         yield Outcome.failed(image_id_from_name(uri), uri, STAGE, exc)
 
 
 def _plan_tar(uri: str, f: Any) -> Iterator[ImageRef | Outcome]:
+    # tarfile reads each header (and long-name / pax records) and seeks over member data; on an
+    # unbuffered handle that fetches the headers alone.
     size = f.size if hasattr(f, "size") else None
     end = 0
     problem = None

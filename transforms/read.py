@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 from transforms.plan import STAGE, PlanShards, input_files
 from transforms.records import ImageRecord, ImageRef, Outcome
 from transforms.sidefiles import voc_boxes
-from transforms.storage import open_file, read_bytes, with_retries
+from transforms.storage import open_exact, read_bytes, read_range, with_retries
 
 
 class _ShardReader:
-    """Reads image bytes for refs, keeping a few shard handles open between calls.
+    """Reads image bytes for refs: loose images and tar members by exact byte range, zip members
+    and Parquet row groups through a few unbuffered shard handles kept open between calls.
 
     Each read is retried on transient errors, on a freshly opened handle.
     """
@@ -39,7 +40,7 @@ class _ShardReader:
         if uri in self._open:
             self._open.move_to_end(uri)
             return self._open[uri]
-        f = open_file(uri).open()
+        f = open_exact(uri)
         handle = zipfile.ZipFile(f) if kind == "zip" else f
         self._open[uri] = handle
         if len(self._open) > self._max_open:
@@ -67,11 +68,9 @@ class _ShardReader:
     def _read_once(self, ref: ImageRef) -> bytes:
         if ref.kind == "image":
             return read_bytes(ref.shard_uri)
-        handle = self._handle(ref.shard_uri, ref.kind)
         if ref.kind == "zip":
-            return handle.read(ref.member)
-        handle.seek(ref.offset)
-        data = handle.read(ref.size)
+            return self._handle(ref.shard_uri, "zip").read(ref.member)
+        data = read_range(ref.shard_uri, ref.offset, ref.size)
         if len(data) != ref.size:
             raise EOFError(f"tar member {ref.member} is truncated: {len(data)} of {ref.size} bytes present")
         return data

@@ -72,6 +72,16 @@ def open_file(url: str, mode: str = "rb", **kwargs: Any) -> OpenFile:
     return fsspec.open(url, mode, **kwargs)
 
 
+def open_exact(url: str) -> Any:
+    """An open read handle that fetches exactly the bytes each read asks for.
+
+    No readahead block: seeking past a tar member's data or a Parquet column costs nothing,
+    where a readahead cache would fetch megabytes around every header it reads.
+    """
+    fs, path = filesystem(url)
+    return fs.open(path, "rb", cache_type="none")
+
+
 def read_bytes(url: str) -> bytes:
     """The whole object, in one request where the store allows it."""
     fs, path = filesystem(url)
