@@ -94,11 +94,6 @@ def read_range(url: str, start: int, length: int) -> bytes:
     return fs.cat_file(path, start=start, end=start + length)
 
 
-def file_size(url: str) -> int:
-    fs, path = filesystem(url)
-    return fs.size(path)
-
-
 def is_file(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.isfile(path)
