@@ -37,12 +37,14 @@ from pipelines import build_dataset, score
 from pipelines.options import SCORE_MIN_FACE_SKIN, parse, resolve_tiling
 from transforms.classify import judge_faces, score_row, scored_outcome, unscored_row
 from transforms.decode import decode_record
+from transforms.finish import outcome_row
 from transforms.patches import encode_patches, filter_face, patch_face
-from transforms.read import expand_pattern, image_id_from_name, shard_kind
+from transforms.plan import input_files, shard_kind
 from transforms.records import FAILED, FILTERED, KEPT, ImageRecord, Outcome, Step
 from transforms.segment import with_mask
+from transforms.sidefiles import image_id_from_name
+from transforms.sink import RowGroupWriter
 from transforms.split import assign_split, parse_fractions
-from transforms.write import RowGroupWriter, outcome_row
 
 STAGES = ("read", "decode", "resize", "inference", "upsample", "patch", "encode", "write")
 
@@ -91,7 +93,7 @@ def classify(model: Classifier, patches: Sequence[np.ndarray], batch_size: int, 
 
 
 def image_files(patterns: Sequence[str]) -> list[str]:
-    return sorted(f for p in patterns for f in expand_pattern(p) if shard_kind(f) == "image")
+    return sorted(f for p in patterns for f in input_files(p) if shard_kind(f) == "image")
 
 
 def run_steps(record: ImageRecord, steps: Sequence[Step]) -> ImageRecord | Outcome:

@@ -21,7 +21,7 @@ from pipelines.options import (
 )
 from transforms.patches import CutPatches, EncodePatchRows, FilterFaces
 from transforms.split import AssignSplit, SplitError, check_mode, parse_fractions
-from transforms.write import WriteParquet
+from transforms.sink import WriteParquet
 
 DESCRIPTION = """\
 Build a training set: segment the skin of every face, drop faces and patches with too little

@@ -9,16 +9,12 @@ import argparse
 import json
 import logging
 import re
-import socket
 import sys
-import urllib.parse
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
-import fsspec
 import torch
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -37,14 +33,18 @@ from models.classifier import Classifier
 from models.segmenter import Segmenter
 from pipelines.options import SCORE_MIN_FACE_SKIN, resolve_tiling
 from transforms.decode import DecodeImages
-from transforms.read import InputError, ReadImages, check_patterns, load_ffhq_metadata, load_labels
+from transforms.finish import Finish, WriteOutcomes, package_versions
+from transforms.plan import check_patterns
+from transforms.read import ReadImages
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
+from transforms.sidefiles import InputError, load_ffhq_metadata, load_labels
+from transforms.sink import OutputError, prepare_output
 from transforms.split import SplitError
-from transforms.write import Finish, OutputError, WriteOutcomes, package_versions, prepare_output
+from transforms.storage import EndpointError, check_endpoints, open_file
 
 log = logging.getLogger("acne")
 
-CONFIG_ERRORS = (InputError, CheckpointError, OutputError, SplitError)
+CONFIG_ERRORS = (InputError, CheckpointError, OutputError, SplitError, EndpointError)
 
 # Flags whose values are credentials (Beam's --s3_secret_access_key, --s3_session_token...).
 SECRET_FLAG = re.compile(r"^--?[\w-]*(secret|token|password|credential)[\w-]*$", re.IGNORECASE)
@@ -79,45 +79,6 @@ def workers_run_here(options: Optional[PipelineOptions]) -> bool:
     return name is None or name.rsplit(".", 1)[-1] in LOCAL_RUNNERS
 
 
-def store_endpoint(url: str) -> Optional[str]:
-    """The HTTP endpoint behind an ``s3://`` or ``gs://`` URL (emulators and custom endpoints included)."""
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if scheme in ("gs", "gcs"):
-        return fsspec.filesystem("gs")._location
-    if scheme in ("s3", "s3a"):
-        fs = fsspec.filesystem("s3")
-        fs.connect()
-        return fs.s3.meta.endpoint_url
-    return None
-
-
-def check_endpoints(urls: Sequence[Optional[str]], timeout: float = 5.0) -> None:
-    """Fail in seconds when an object store cannot be reached at all.
-
-    The store clients retry a refused connection with backoff for a minute or more, which
-    looks like a hung launcher. One TCP connect per endpoint says it at once. Skipped behind
-    an HTTP proxy, where only the proxy is reachable directly.
-    """
-    if urllib.request.getproxies():
-        return
-    seen: set[str] = set()
-    for url in urls:
-        endpoint = store_endpoint(url) if url else None
-        if endpoint is None or endpoint in seen:
-            continue
-        seen.add(endpoint)
-        parts = urllib.parse.urlsplit(endpoint)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            socket.create_connection((parts.hostname, port), timeout=timeout).close()
-        except OSError as exc:
-            hint = "STORAGE_EMULATOR_HOST" if url.startswith(("gs:", "gcs:")) else "AWS_ENDPOINT_URL_S3"
-            raise JobConfigError(
-                f"cannot reach the storage endpoint {endpoint} for {url}: {type(exc).__name__}: {exc}. "
-                f"Check the network, and {hint} if you point at a custom endpoint or emulator."
-            ) from exc
-
-
 def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None) -> Prepared:
     """Check everything that can be checked before the job starts; clear the output last.
 
@@ -127,11 +88,11 @@ def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None)
     if args.device == "cuda" and workers_run_here(options) and not torch.cuda.is_available():
         raise JobConfigError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
     classifier_uri = getattr(args, "classifier_checkpoint", None)
-    check_endpoints([
-        *args.input, args.output, args.segmenter_checkpoint, classifier_uri, *(args.labels_csv or ()),
-        args.ffhq_metadata,
-    ])
     try:
+        check_endpoints([
+            *args.input, args.output, args.segmenter_checkpoint, classifier_uri, *(args.labels_csv or ()),
+            args.ffhq_metadata,
+        ])
         segmenter = Segmenter.load(args.segmenter_checkpoint)
         classifier = Classifier.load(classifier_uri) if classifier_uri else None
         if classifier:
@@ -197,7 +158,7 @@ def complete(result: Any, output: str) -> dict[str, Any]:
     """Wait for the job, then report what its manifest says; unbalanced books are an error."""
     result.wait_until_finish()
     try:
-        with fsspec.open(join(output, MANIFEST), "rt") as f:
+        with open_file(join(output, MANIFEST), "rt") as f:
             manifest = json.load(f)
     except FileNotFoundError:
         raise AccountingError(f"the job finished but wrote no {join(output, MANIFEST)}") from None

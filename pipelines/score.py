@@ -22,7 +22,7 @@ from pipelines.options import InputOptions, OutputOptions, PatchOptions, ScoreOp
 from transforms.classify import AcneClassifierHandler, ClassifyFaces, patch_rows, score_row, scored_outcome, unscored_row
 from transforms.patches import CutPatches, FilterFaces
 from transforms.read_patches import ReadPatchDataset, is_patch_dataset
-from transforms.write import WriteParquet
+from transforms.sink import WriteParquet
 
 DESCRIPTION = """\
 Score images for acne: segment skin, cut skin patches, count the acne lesions on each patch

@@ -191,7 +191,7 @@ def test_setup_file_package_installs_and_imports_on_a_worker(worker_site: tuple[
     worker_python, site = worker_site
     probe = """
 import json, os, sys
-import pipelines.build_dataset, pipelines.score, transforms.read, transforms.write
+import pipelines.build_dataset, pipelines.score, transforms.read, transforms.sink, transforms.finish
 from models import defaults
 print(json.dumps({"pipelines": pipelines.build_dataset.__file__, "defaults": defaults.__file__,
                   "checkout_on_path": any(os.path.abspath(p or ".") == %r for p in sys.path)}))

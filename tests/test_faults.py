@@ -16,8 +16,10 @@ from apache_beam.testing.util import assert_that, equal_to
 from models.dataset import IncompleteDatasetError, read_manifest, read_patches, read_table
 from pipelines import build_dataset
 from pipelines.common import JobConfigError
-from transforms.read import ReadBytes, is_transient, plan_shard, with_retries
+from transforms.plan import plan_shard
+from transforms.read import ReadBytes
 from transforms.records import ImageRef
+from transforms.storage import is_transient, with_retries
 from tests.scale_fixtures import (  # noqa: F401  (pytest fixtures)
     IMAGE_SIDE,
     JOB_FLAGS,

@@ -14,10 +14,10 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.images import png_bytes, random_rgb
-from transforms.read import (
-    InputError, ReadImages, check_patterns, load_ffhq_metadata, load_labels, parse_voc_boxes, plan_shard,
-)
+from transforms.plan import check_patterns, plan_shard
+from transforms.read import ReadImages
 from transforms.records import ImageRef, Outcome
+from transforms.sidefiles import InputError, load_ffhq_metadata, load_labels, parse_voc_boxes
 
 PNG = png_bytes(random_rgb(8, 8))
 

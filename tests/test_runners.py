@@ -26,7 +26,8 @@ from pipelines import build_dataset, score
 from pipelines.common import prepare
 from pipelines.options import parse
 from transforms.decode import DecodeImages
-from transforms.read import PlanShards, ReadBytes, pick_unique
+from transforms.plan import PlanShards
+from transforms.read import ReadBytes, pick_unique
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
 from tests.scale_fixtures import (  # noqa: F401  (pytest fixture)
     JOB_FLAGS,

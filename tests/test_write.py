@@ -10,7 +10,8 @@ import pytest
 
 from models.dataset import IncompleteDatasetError, read_parquet_dir, read_table, write_manifest
 from transforms.records import Outcome
-from transforms.write import Finish, OutputError, WriteOutcomes, WriteParquet, accounting, finish, prepare_output
+from transforms.finish import Finish, WriteOutcomes, accounting, finish
+from transforms.sink import OutputError, WriteParquet, prepare_output
 
 SCHEMA = pa.schema([("image_id", pa.string()), ("n", pa.int32())])
 

@@ -9,13 +9,13 @@ from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 import cv2
-import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from models.dataset import MANIFEST, PATCHES_DIR, join
 from transforms.records import ImageRecord, Outcome, Patch
+from transforms.storage import find_files, is_dir, is_file, open_file
 
 STAGE = "read"
 COLUMNS = ["image_id", "label", "x", "y", "size", "skin_fraction", "image", "source_uri", "split"]
@@ -23,18 +23,15 @@ COLUMNS = ["image_id", "label", "x", "y", "size", "skin_fraction", "image", "sou
 
 def is_patch_dataset(uri: str) -> bool:
     """Whether ``uri`` is a finished build_dataset output."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.isfile(join(path, MANIFEST)) and fs.isdir(join(path, PATCHES_DIR))
+    return is_file(join(uri, MANIFEST)) and is_dir(join(uri, PATCHES_DIR))
 
 
 def patch_files(uri: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(uri)
-    files = sorted(f for f in fs.find(join(path, PATCHES_DIR)) if f.endswith(".parquet"))
-    return [fs.unstrip_protocol(f) if "://" in uri else f for f in files]
+    return find_files(join(uri, PATCHES_DIR), ".parquet")
 
 
 def _rows(uri: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with fsspec.open(uri, "rb") as f:
+    with open_file(uri) as f:
         pf = pq.ParquetFile(f)
         for rg in range(pf.num_row_groups):
             for row in pf.read_row_group(rg, columns=COLUMNS).to_pylist():

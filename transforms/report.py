@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 from collections import Counter
 
-import fsspec
 import matplotlib
 
 matplotlib.use("Agg")
@@ -16,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from models.dataset import FACES_DIR, OUTCOME_SCHEMA, SCORE_SCHEMA, SCORES_DIR, join, read_parquet_dir  # noqa: E402
+from transforms.storage import open_file  # noqa: E402
 
 REPORT = "report.png"
 VERDICT_COLOURS = {"clear": "#2a9d8f", "acne": "#e76f51", "no usable skin": "#adb5bd"}
@@ -56,7 +56,7 @@ def write_report(output: str, job: str, min_face_skin: float) -> str:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     path = join(output, REPORT)
-    with fsspec.open(path, "wb") as f:
+    with open_file(path, "wb") as f:
         f.write(buf.getvalue())
     return path
 

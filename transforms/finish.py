@@ -1,8 +1,6 @@
-"""Write: Parquet tables through fsspec, outcome accounting, progress, and the manifest.
+"""Finish: outcome accounting, progress, and the manifest, written last.
 
-Each bundle writes its rows to ``_temporary/`` and only the bundles that committed are
-renamed into place, so a retried bundle never leaves a duplicate row. The job's last step,
-``Finish``, waits for every table, checks that every input was counted exactly once, and
+``Finish`` waits for every table, checks that every input was counted exactly once, and
 writes ``manifest.json``: inside the pipeline, so a job launched and left (a Flex Template,
 a detached Dataflow run) still ends with a checked manifest.
 """
@@ -10,141 +8,24 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import asdict
 from importlib import metadata
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
-import fsspec
-import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindows
 
-from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, MANIFEST, OUTCOME_SCHEMA, join, write_manifest
-from transforms.read import missing_bucket
+from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, OUTCOME_SCHEMA, join, write_manifest
 from transforms.records import FAILED, FILTERED, KEPT, Outcome
 from transforms.report import write_report
+from transforms.sink import TEMP_DIR, WriteParquet
+from transforms.storage import filesystem, remove
 
 NAMESPACE = "acne"
-TEMP_DIR = "_temporary"
 PACKAGES = ("apache-beam", "torch", "segmentation-models-pytorch", "timm", "pyarrow", "fsspec", "opencv-python-headless")
 
 log = logging.getLogger("acne")
-
-
-class OutputError(ValueError):
-    """The output location cannot be used as asked; raised before any work."""
-
-
-def prepare_output(root: str, overwrite: bool) -> None:
-    """Refuse a non-empty output unless ``overwrite``; then clear it, manifest first."""
-    try:
-        fs, path = fsspec.core.url_to_fs(root)
-        # Object stores would create a mistyped bucket on the first write; refuse instead.
-        gone = missing_bucket(root)
-        if gone:
-            raise OutputError(
-                f"output bucket {gone} does not exist, or these credentials cannot see it: create it first "
-                "(jobs never create buckets) or fix --output"
-            )
-        existing = fs.exists(path) and bool(fs.ls(path))
-        if existing and not overwrite:
-            raise OutputError(f"output {root} is not empty: pass --overwrite to replace it, or choose another --output")
-        if existing:
-            # The manifest goes first: a rerun killed halfway must never look complete.
-            if fs.exists(join(path, MANIFEST)):
-                fs.rm(join(path, MANIFEST))
-            fs.rm(path, recursive=True)
-        fs.makedirs(path, exist_ok=True)
-    except OutputError:
-        raise
-    except Exception as exc:
-        raise OutputError(f"cannot prepare output {root}: {type(exc).__name__}: {exc}") from exc
-
-
-class RowGroupWriter:
-    """Rows -> one Parquet file at an fsspec URL, a row group at a time so memory stays flat."""
-
-    def __init__(self, path: str, schema: pa.Schema, rows_per_group: int, compression: str):
-        self.path = path
-        self._schema, self._rows_per_group, self._compression = schema, rows_per_group, compression
-        self._rows: list[Mapping[str, Any]] = []
-        self._file = self._writer = None
-
-    def add(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        self._rows.extend(rows)
-        if len(self._rows) >= self._rows_per_group:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._rows:
-            return
-        if self._writer is None:
-            self._file = fsspec.open(self.path, "wb", auto_mkdir=True).open()
-            self._writer = pq.ParquetWriter(self._file, self._schema, compression=self._compression)
-        self._writer.write_table(pa.Table.from_pylist(self._rows, self._schema))
-        self._rows = []
-
-    def close(self) -> bool:
-        """Flush and close; whether the file holds any rows (no file is made for none)."""
-        self._flush()
-        if self._writer is None:
-            return False
-        self._writer.close()
-        self._file.close()
-        return True
-
-
-class _WriteBundles(beam.DoFn):
-    """Rows -> one temporary Parquet file per bundle; yields the files it committed."""
-
-    def __init__(self, root: str, subdir: str, schema: pa.Schema, rows_per_group: int, compression: str):
-        self._root, self._subdir, self._schema = root, subdir, schema
-        self._rows_per_group = rows_per_group
-        self._compression = compression
-
-    def start_bundle(self) -> None:
-        path = join(self._root, TEMP_DIR, self._subdir, f"{uuid.uuid4().hex}.parquet")
-        self._sink = RowGroupWriter(path, self._schema, self._rows_per_group, self._compression)
-
-    def process(self, row: Mapping[str, Any]) -> None:
-        self._sink.add([row])
-
-    def finish_bundle(self) -> Iterator[Any]:
-        if self._sink.close():
-            yield GlobalWindows.windowed_value(self._sink.path)
-
-
-def _commit(temp_paths: Sequence[str], root: str, subdir: str) -> list[str]:
-    """Rename the committed temporary files to ``part-XXXXX-of-YYYYY.parquet``."""
-    fs, path = fsspec.core.url_to_fs(root)
-    fs.makedirs(join(path, subdir), exist_ok=True)
-    final = []
-    for i, temp in enumerate(sorted(temp_paths)):
-        target = join(root, subdir, f"part-{i:05d}-of-{len(temp_paths):05d}.parquet")
-        fs.mv(fsspec.core.url_to_fs(temp)[1], fsspec.core.url_to_fs(target)[1])
-        final.append(target)
-    return final
-
-
-class WriteParquet(beam.PTransform):
-    """Dict rows -> Parquet files under ``root/subdir`` with ``schema``."""
-
-    def __init__(self, root: str, subdir: str, schema: pa.Schema, rows_per_group: int = 256, compression: str = "zstd"):
-        super().__init__()
-        self._root, self._subdir = root, subdir
-        self._fn = _WriteBundles(root, subdir, schema, rows_per_group, compression)
-
-    def expand(self, rows: beam.PCollection) -> beam.PCollection:
-        root, subdir = self._root, self._subdir
-        return (
-            rows
-            | "WriteBundles" >> beam.ParDo(self._fn)
-            | "CollectFiles" >> beam.combiners.ToList()
-            | "Commit" >> beam.Map(_commit, root, subdir)
-        )
 
 
 def outcome_row(outcome: Outcome) -> dict[str, Any]:
@@ -209,10 +90,12 @@ class WriteOutcomes(beam.PTransform):
 
 def row_counts(root: str, subdirs: Iterable[str]) -> dict[str, int]:
     """Rows per table, from Parquet footers alone."""
-    fs, path = fsspec.core.url_to_fs(root)
+    # Not pyarrow.dataset(...).count_rows(): on 300 small files it took 30 ms locally and 50 ms on
+    # memory://, against 13 ms and 23 ms for reading the footers here.
     counts = {}
     for subdir in subdirs:
-        files = fs.glob(join(path, subdir) + "/*.parquet")
+        fs, path = filesystem(join(root, subdir))
+        files = fs.glob(path + "/*.parquet")
         counts[subdir] = sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files)
     return counts
 
@@ -265,9 +148,7 @@ def accounting(inputs: int, tally: Mapping[str, int], face_rows: int) -> dict[st
 
 def finish(root: str, manifest: dict[str, Any]) -> None:
     """Remove temporary files, then write the manifest: the commit marker, always last."""
-    fs, path = fsspec.core.url_to_fs(root)
-    if fs.exists(join(path, TEMP_DIR)):
-        fs.rm(join(path, TEMP_DIR), recursive=True)
+    remove(join(root, TEMP_DIR))
     write_manifest(root, manifest)
 
 
