@@ -31,13 +31,14 @@ from models.dataset import (
 )
 from models.segmenter import Segmenter
 from pipelines import build_dataset, score
-from pipelines.options import SCORE_MIN_FACE_SKIN, parse, resolve_tiling
+from pipelines.config import DatasetConfig, JobConfig, ScoreConfig
+from pipelines.options import parse
 from transforms.classify import judge_faces, score_row
 from transforms.decode import DecodeError, decode_image
 from transforms.patches import cut_patches, encode_mask, encode_rgb, lesion_count, patch_id
 from transforms.read import expand_pattern, image_id_from_name, shard_kind
 from transforms.records import FAILED, FILTERED, KEPT, ImageRecord, Outcome
-from transforms.split import hash_split, parse_fractions
+from transforms.split import hash_split
 from transforms.write import RowGroupWriter, outcome_row
 
 STAGES = ("read", "decode", "resize", "inference", "upsample", "patch", "encode", "write")
@@ -93,7 +94,7 @@ def image_files(patterns: Sequence[str]) -> list[str]:
 class Loop:
     """What both loops share: files in, decoded batches, masks, faces filtered and tiled."""
 
-    def __init__(self, args: argparse.Namespace, clock: StageClock):
+    def __init__(self, args: JobConfig, clock: StageClock):
         self.args, self.clock = args, clock
         self.segmenter = Segmenter.load(args.segmenter_checkpoint, args.device)
         out = Path(args.output)
@@ -147,9 +148,9 @@ class Loop:
             yield ImageRecord(record.image_id, record.source_uri, skin_fraction=skin, patches=patches)
 
 
-def run_build(args: argparse.Namespace, clock: StageClock) -> Loop:
+def run_build(args: DatasetConfig, clock: StageClock) -> Loop:
     loop = Loop(args, clock)
-    fractions = parse_fractions(args.split_fractions)
+    fractions = args.split_fractions
     out = Path(args.output) / PATCHES_DIR
     sinks: dict[str, RowGroupWriter] = {}
     sha = loop.segmenter.sha256
@@ -183,7 +184,7 @@ def run_build(args: argparse.Namespace, clock: StageClock) -> Loop:
     return loop
 
 
-def run_score(args: argparse.Namespace, clock: StageClock) -> Loop:
+def run_score(args: ScoreConfig, clock: StageClock) -> Loop:
     loop = Loop(args, clock)
     classifier = Classifier.load(args.classifier_checkpoint, args.device)
     shas = (loop.segmenter.sha256, classifier.sha256)
@@ -225,17 +226,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     mine, rest = own.parse_known_args(argv)
     # The jobs' own flag groups: same flags, same defaults.
     groups = build_dataset.OPTION_GROUPS if mine.job == "build" else score.OPTION_GROUPS
-    args, _ = parse(rest, groups, f"python -m bench.reference {mine.job}", __doc__)
-    if mine.job == "score":
-        trained = Classifier.load(args.classifier_checkpoint).cfg
-        resolve_tiling(args, trained.patch_size, trained.min_patch_skin, SCORE_MIN_FACE_SKIN)
-    else:
-        resolve_tiling(args)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    flags, _ = parse(rest, groups, f"python -m bench.reference {mine.job}", __doc__)
+    config = DatasetConfig.from_flags(flags) if mine.job == "build" else ScoreConfig.from_flags(flags)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     clock = StageClock()
     started = time.perf_counter()
-    loop = (run_build if mine.job == "build" else run_score)(args, clock)
+    loop = (run_build if mine.job == "build" else run_score)(config, clock)
     seconds = time.perf_counter() - started
     result = {
         "job": mine.job,
