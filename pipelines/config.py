@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional, Self
+from typing import Any, Optional, TypeVar
 
 from models.checkpoint import CheckpointError, read_config
 from models.classifier import Classifier, ClassifierConfig
 from pipelines.common import JobConfigError, check_endpoints
 from pipelines.options import DEFAULT_MIN_FACE_SKIN, DEFAULT_MIN_PATCH_SKIN, DEFAULT_PATCH_SIZE, SCORE_MIN_FACE_SKIN
 from transforms.split import SplitError, check_mode, parse_fractions
+
+C = TypeVar("C", bound="JobConfig")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,8 +51,9 @@ class JobConfig:
 
     @classmethod
     def _of_flags(
-        cls, flags: argparse.Namespace, patch_size: int, min_patch_skin: float, min_face_skin: float, **parsed: Any
-    ) -> Self:
+        cls: type[C], flags: argparse.Namespace, patch_size: int, min_patch_skin: float, min_face_skin: float,
+        **parsed: Any,
+    ) -> C:
         """The config of ``flags``: unset tiling flags take the job's values, ``parsed`` replaces raw text."""
         size = patch_size if flags.patch_size is None else flags.patch_size
         resolved = {
