@@ -34,7 +34,8 @@ from models.dataset import (
 )
 from models.segmenter import Segmenter
 from pipelines import build_dataset, score
-from pipelines.options import SCORE_MIN_FACE_SKIN, parse, resolve_tiling
+from pipelines.config import DatasetConfig, JobConfig, ScoreConfig
+from pipelines.options import parse
 from transforms.classify import judge_faces, score_row, scored_outcome, unscored_row
 from transforms.decode import decode_record
 from transforms.finish import outcome_row
@@ -44,7 +45,7 @@ from transforms.records import FAILED, FILTERED, KEPT, ImageRecord, Outcome, Ste
 from transforms.segment import with_mask
 from transforms.sidefiles import image_id_from_name
 from transforms.sink import RowGroupWriter
-from transforms.split import assign_split, parse_fractions
+from transforms.split import assign_split
 
 STAGES = ("read", "decode", "resize", "inference", "upsample", "patch", "encode", "write")
 
@@ -109,7 +110,7 @@ def run_steps(record: ImageRecord, steps: Sequence[Step]) -> ImageRecord | Outco
 class Loop:
     """What both loops share: files in, decoded batches, masks, faces filtered and tiled."""
 
-    def __init__(self, args: argparse.Namespace, clock: StageClock, *between: Step):
+    def __init__(self, args: JobConfig, clock: StageClock, *between: Step):
         """``between`` are the job's steps between filtering faces and cutting patches."""
         self.args, self.clock = args, clock
         self.segmenter = Segmenter.load(args.segmenter_checkpoint, args.device)
@@ -158,8 +159,8 @@ class Loop:
             yield result
 
 
-def run_build(args: argparse.Namespace, clock: StageClock) -> Loop:
-    loop = Loop(args, clock, partial(assign_split, mode=args.split, fractions=parse_fractions(args.split_fractions)))
+def run_build(args: DatasetConfig, clock: StageClock) -> Loop:
+    loop = Loop(args, clock, partial(assign_split, mode=args.split, fractions=args.split_fractions))
     out = Path(args.output) / PATCHES_DIR
     sinks: dict[str, RowGroupWriter] = {}
     encoding = (args.patch_format, args.jpeg_quality, args.png_compression, loop.segmenter.sha256)
@@ -184,7 +185,7 @@ def run_build(args: argparse.Namespace, clock: StageClock) -> Loop:
     return loop
 
 
-def run_score(args: argparse.Namespace, clock: StageClock) -> Loop:
+def run_score(args: ScoreConfig, clock: StageClock) -> Loop:
     loop = Loop(args, clock)
     classifier = Classifier.load(args.classifier_checkpoint, args.device)
     shas = (loop.segmenter.sha256, classifier.sha256)
@@ -232,17 +233,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     mine, rest = own.parse_known_args(argv)
     # The jobs' own flag groups: same flags, same defaults.
     groups = build_dataset.OPTION_GROUPS if mine.job == "build" else score.OPTION_GROUPS
-    args, _ = parse(rest, groups, f"python -m bench.reference {mine.job}", __doc__)
-    if mine.job == "score":
-        trained = Classifier.load(args.classifier_checkpoint).cfg
-        resolve_tiling(args, trained.patch_size, trained.min_patch_skin, SCORE_MIN_FACE_SKIN)
-    else:
-        resolve_tiling(args)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    flags, _ = parse(rest, groups, f"python -m bench.reference {mine.job}", __doc__)
+    config = DatasetConfig.from_flags(flags) if mine.job == "build" else ScoreConfig.from_flags(flags)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     clock = StageClock()
     started = time.perf_counter()
-    loop = (run_build if mine.job == "build" else run_score)(args, clock)
+    loop = (run_build if mine.job == "build" else run_score)(config, clock)
     seconds = time.perf_counter() - started
     result = {
         "job": mine.job,

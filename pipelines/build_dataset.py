@@ -13,15 +13,14 @@ from typing import Any, Optional, Sequence
 import apache_beam as beam
 
 from models.dataset import PATCH_SCHEMA, PATCHES_DIR, SPLITS
-from pipelines.common import (
-    JobConfigError, JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces,
-)
+from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces
+from pipelines.config import DatasetConfig
 from pipelines.options import (
-    EncodeOptions, InputOptions, OutputOptions, PatchOptions, SegmentOptions, SplitOptions, parse,
+    add_encode_flags, add_input_flags, add_output_flags, add_patch_flags, add_segment_flags, add_split_flags, parse,
 )
 from transforms.patches import CutPatches, EncodePatchRows, FilterFaces
-from transforms.split import AssignSplit, SplitError, check_mode, parse_fractions
 from transforms.sink import WriteParquet
+from transforms.split import AssignSplit
 
 DESCRIPTION = """\
 Build a training set: segment the skin of every face, drop faces and patches with too little
@@ -33,24 +32,27 @@ failures also go to OUTPUT/errors/. OUTPUT/manifest.json is written last."""
 PATCH_ROWS_PER_GROUP = 64
 
 PROG = "python -m pipelines.build_dataset"
-OPTION_GROUPS = [InputOptions, SegmentOptions, PatchOptions, EncodeOptions, SplitOptions, OutputOptions]
+OPTION_GROUPS = [
+    add_input_flags, add_segment_flags, add_patch_flags, add_encode_flags, add_split_flags, add_output_flags,
+]
 
 
-def build(p: beam.Pipeline, args: Any, prepared: Prepared) -> JobOutputs:
+def build(p: beam.Pipeline, config: DatasetConfig, prepared: Prepared) -> JobOutputs:
     """Compose the job's stages on ``p``."""
-    segmented, failures, inputs = segmented_faces(p, args, prepared)
-    faces, filtered = segmented | "FilterFaces" >> FilterFaces(args.min_face_skin)
-    split, split_failed = faces | "Split" >> AssignSplit(args.split, parse_fractions(args.split_fractions))
+    segmented, failures, inputs = segmented_faces(p, config, prepared)
+    faces, filtered = segmented | "FilterFaces" >> FilterFaces(config.min_face_skin)
+    split, split_failed = faces | "Split" >> AssignSplit(config.split, config.split_fractions)
     patched, no_patch = split | "CutPatches" >> CutPatches(
-        args.patch_size, args.stride, args.min_patch_skin, args.blackout_background
+        config.patch_size, config.stride, config.min_patch_skin, config.blackout_background
     )
     rows, kept = patched | "EncodePatches" >> EncodePatchRows(
-        args.patch_format, args.jpeg_quality, args.png_compression, prepared.segmenter_sha256
+        config.patch_format, config.jpeg_quality, config.png_compression, prepared.segmenter_sha256
     )
     by_split = rows | "BySplit" >> beam.Partition(lambda row, n: SPLITS.index(row["split"]), len(SPLITS))
     files = [
         part | f"Write{name.title()}Patches" >> WriteParquet(
-            args.output, f"{PATCHES_DIR}/{name}", PATCH_SCHEMA, rows_per_group=PATCH_ROWS_PER_GROUP, compression="none"
+            config.output, f"{PATCHES_DIR}/{name}", PATCH_SCHEMA,
+            rows_per_group=PATCH_ROWS_PER_GROUP, compression="none",
         )
         for name, part in zip(SPLITS, by_split)
     ]
@@ -59,18 +61,14 @@ def build(p: beam.Pipeline, args: Any, prepared: Prepared) -> JobOutputs:
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
-    args, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
-    try:
-        check_mode(args.split)
-        parse_fractions(args.split_fractions)
-    except SplitError as exc:
-        raise JobConfigError(str(exc)) from exc
-    prepared = prepare(args, options)
+    flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
+    config = DatasetConfig.from_flags(flags)
+    prepared = prepare(config, options)
     p = pipeline or beam.Pipeline(options=options)
-    checkpoints = {"segmenter": {"uri": args.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}
+    checkpoints = {"segmenter": {"uri": config.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}
     tables = [f"{PATCHES_DIR}/{s}" for s in SPLITS]
-    finish_job(args, argv, "build_dataset", checkpoints, tables, build(p, args, prepared))
-    return complete(p.run(), args.output)
+    finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared))
+    return complete(p.run(), config.output)
 
 
 if __name__ == "__main__":

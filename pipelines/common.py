@@ -5,14 +5,13 @@ output location fails in seconds with a message that says what to fix.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import torch
@@ -31,7 +30,6 @@ from models.dataset import (
 )
 from models.classifier import Classifier
 from models.segmenter import Segmenter
-from pipelines.options import SCORE_MIN_FACE_SKIN, resolve_tiling
 from transforms.decode import DecodeImages
 from transforms.finish import Finish, WriteOutcomes, package_versions
 from transforms.plan import check_patterns
@@ -39,12 +37,14 @@ from transforms.read import ReadImages
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
 from transforms.sidefiles import InputError, load_ffhq_metadata, load_labels
 from transforms.sink import OutputError, prepare_output
-from transforms.split import SplitError
 from transforms.storage import EndpointError, check_endpoints, open_file
+
+if TYPE_CHECKING:  # pipelines.config builds on this module's checks and errors
+    from pipelines.config import JobConfig
 
 log = logging.getLogger("acne")
 
-CONFIG_ERRORS = (InputError, CheckpointError, OutputError, SplitError, EndpointError)
+CONFIG_ERRORS = (InputError, CheckpointError, OutputError, EndpointError)
 
 # Flags whose values are credentials (Beam's --s3_secret_access_key, --s3_session_token...).
 SECRET_FLAG = re.compile(r"^--?[\w-]*(secret|token|password|credential)[\w-]*$", re.IGNORECASE)
@@ -79,35 +79,31 @@ def workers_run_here(options: Optional[PipelineOptions]) -> bool:
     return name is None or name.rsplit(".", 1)[-1] in LOCAL_RUNNERS
 
 
-def prepare(args: argparse.Namespace, options: Optional[PipelineOptions] = None) -> Prepared:
+def prepare(config: JobConfig, options: Optional[PipelineOptions] = None) -> Prepared:
     """Check everything that can be checked before the job starts; clear the output last.
 
     ``options`` tell where the workers run: ``--device cuda`` is only checked against this
     machine when they run here (a Dataflow launcher has no GPU; its GPU workers do).
     """
-    if args.device == "cuda" and workers_run_here(options) and not torch.cuda.is_available():
+    if config.device == "cuda" and workers_run_here(options) and not torch.cuda.is_available():
         raise JobConfigError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
-    classifier_uri = getattr(args, "classifier_checkpoint", None)
+    classifier_uri = getattr(config, "classifier_checkpoint", None)
     try:
         check_endpoints([
-            *args.input, args.output, args.segmenter_checkpoint, classifier_uri, *(args.labels_csv or ()),
-            args.ffhq_metadata,
+            *config.input, config.output, config.segmenter_checkpoint, classifier_uri, *config.labels_csv,
+            config.ffhq_metadata,
         ])
-        segmenter = Segmenter.load(args.segmenter_checkpoint)
+        segmenter = Segmenter.load(config.segmenter_checkpoint)
         classifier = Classifier.load(classifier_uri) if classifier_uri else None
-        if classifier:
-            resolve_tiling(args, classifier.cfg.patch_size, classifier.cfg.min_patch_skin, SCORE_MIN_FACE_SKIN)
-        else:
-            resolve_tiling(args)
-        files = check_patterns(args.input)
-        labels = load_labels(args.labels_csv, args.id_column, args.label_column) if args.labels_csv else None
-        ffhq = load_ffhq_metadata(args.ffhq_metadata) if args.ffhq_metadata else None
-        if getattr(args, "split", None) == "ffhq" and ffhq is None:
-            raise SplitError("--split ffhq needs --ffhq-metadata ffhq-dataset-v2.json")
-        prepare_output(args.output, args.overwrite)
+        files = check_patterns(config.input)
+        labels = load_labels(config.labels_csv, config.id_column, config.label_column) if config.labels_csv else None
+        ffhq = load_ffhq_metadata(config.ffhq_metadata) if config.ffhq_metadata else None
+        prepare_output(config.output, config.overwrite)
     except CONFIG_ERRORS as exc:
         raise JobConfigError(str(exc)) from exc
-    log.info("found %d input file(s); segmenter %s (sha256 %s)", files, args.segmenter_checkpoint, segmenter.sha256[:12])
+    log.info(
+        "found %d input file(s); segmenter %s (sha256 %s)", files, config.segmenter_checkpoint, segmenter.sha256[:12]
+    )
     return Prepared(labels, ffhq, segmenter.sha256, classifier.sha256 if classifier else None)
 
 
@@ -120,20 +116,20 @@ class JobOutputs(NamedTuple):
 
 
 def segmented_faces(
-    p: beam.Pipeline, args: argparse.Namespace, prepared: Prepared
+    p: beam.Pipeline, config: JobConfig, prepared: Prepared
 ) -> tuple[beam.PCollection, list[beam.PCollection], beam.PCollection]:
     """Read -> Decode -> Segment: the segmented records, the failure outcomes so far, the input count."""
     records, read_failed, inputs = p | "Read" >> ReadImages(
-        args.input, prepared.labels, prepared.ffhq_meta, args.voc_annotations
+        config.input, prepared.labels, prepared.ffhq_meta, config.voc_annotations
     )
-    decoded, decode_failed = records | "Decode" >> DecodeImages(args.max_pixels, args.patch_size)
-    handler = SkinSegmenterHandler(args.segmenter_checkpoint, args.device, args.batch_size, args.torch_threads)
+    decoded, decode_failed = records | "Decode" >> DecodeImages(config.max_pixels, config.patch_size)
+    handler = SkinSegmenterHandler(config.segmenter_checkpoint, config.device, config.batch_size, config.torch_threads)
     segmented, segment_failed = decoded | "Segment" >> SegmentSkin(handler)
     return segmented, [read_failed, decode_failed, segment_failed], inputs
 
 
 def finish_job(
-    args: argparse.Namespace,
+    config: JobConfig,
     argv: Optional[Sequence[str]],
     job: str,
     checkpoints: dict[str, Any],
@@ -142,16 +138,16 @@ def finish_job(
 ) -> None:
     """Append the last steps: write every outcome, then the checked manifest."""
     outcomes = outputs.outcomes | "AllOutcomes" >> beam.Flatten()
-    outcome_files = outcomes | "WriteOutcomes" >> WriteOutcomes(args.output)
+    outcome_files = outcomes | "WriteOutcomes" >> WriteOutcomes(config.output)
     files = (*outputs.files, outcome_files) | "CommittedFiles" >> beam.Flatten()
     base = {
         "job": job,
-        "arguments": {k: v for k, v in sorted(vars(args).items())},
+        "arguments": config.arguments(),
         "argv": redact_argv(sys.argv[1:] if argv is None else list(argv)),
         "versions": package_versions(),
         "checkpoints": checkpoints,
     }
-    (outputs.inputs, outcomes, files) | "Finish" >> Finish(args.output, base, tables, args.min_face_skin)
+    (outputs.inputs, outcomes, files) | "Finish" >> Finish(config.output, base, tables, config.min_face_skin)
 
 
 def complete(result: Any, output: str) -> dict[str, Any]:

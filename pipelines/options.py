@@ -1,12 +1,15 @@
-"""The jobs' flags, as Beam ``PipelineOptions`` subclasses, each defined exactly once.
+"""The jobs' flags, each defined exactly once, in groups.
 
-Both jobs compose the groups they need. Anything that is not one of these flags is a Beam
+A public ``add_*_flags`` function adds each group to a parser; both jobs list the groups
+they take, and ``job_parser`` builds their parser from those functions. Each group is also a
+Beam ``PipelineOptions`` subclass whose ``_add_argparse_args`` override (Beam's documented
+hook) delegates to the same function, so Beam knows the flags too. Anything that is not one of these flags is a Beam
 flag (``--runner``, ``--direct_num_workers``, ``--project``...) and goes to Beam untouched.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Callable, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -22,6 +25,9 @@ DEFAULT_MIN_FACE_SKIN = 0.15
 # score judges any face with some skin: a face that fills little of its photo (a distant or
 # small face on a wide canvas) still has lesions to count, and a verdict is what users ask for.
 SCORE_MIN_FACE_SKIN = 0.02
+
+# Adds one group of job flags to a parser; each job lists the groups it takes.
+FlagGroup = Callable[[argparse.ArgumentParser], None]
 
 BEAM_EPILOG = """\
 Beam flags pass straight through, for example:
@@ -53,165 +59,185 @@ def _positive(text: str) -> int:
     return value
 
 
-class InputOptions(PipelineOptions):
+def add_input_flags(parser: argparse.ArgumentParser) -> None:
     """Where images come from, and what travels with them."""
+    g = parser.add_argument_group("input")
+    g.add_argument("--input", nargs="+", default=None, metavar="PATTERN",
+                   help="One or more files, folders, globs or URLs: loose images (PNG/JPEG/WebP, e.g. FFHQ's "
+                        "NNNNN/NNNNN.png), webdataset .tar shards, .zip archives, or Parquet with image bytes.")
+    g.add_argument("--labels-csv", nargs="+", default=None, metavar="CSV",
+                   help="CSV file(s) with an id and a label column. Ids match by file stem "
+                        "(images/levle0_10.jpg matches levle0_10). Images without a label fail with a reason. "
+                        "(Named --labels-csv because Beam's --labels already sets Dataflow job labels.)")
+    g.add_argument("--id-column", default="image_id", help="Id column of --labels-csv (default: %(default)s).")
+    g.add_argument("--label-column", default="label", help="Label column of --labels-csv (default: %(default)s).")
+    g.add_argument("--ffhq-metadata", default=None, metavar="JSON",
+                   help="FFHQ's ffhq-dataset-v2.json: adds each face's category and landmarks (needed by "
+                        "--split ffhq).")
+    g.add_argument("--voc-annotations", action="store_true",
+                   help="Read Pascal-VOC lesion boxes from the .xml beside each loose image and record a "
+                        "lesion_count per patch.")
+
+
+class InputOptions(PipelineOptions):
+    """The input flags, as a Beam options group."""
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("input")
-        g.add_argument("--input", nargs="+", default=None, metavar="PATTERN",
-                       help="One or more files, folders, globs or URLs: loose images (PNG/JPEG/WebP, e.g. FFHQ's "
-                            "NNNNN/NNNNN.png), webdataset .tar shards, .zip archives, or Parquet with image bytes.")
-        g.add_argument("--labels-csv", nargs="+", default=None, metavar="CSV",
-                       help="CSV file(s) with an id and a label column. Ids match by file stem "
-                            "(images/levle0_10.jpg matches levle0_10). Images without a label fail with a reason. "
-                            "(Named --labels-csv because Beam's --labels already sets Dataflow job labels.)")
-        g.add_argument("--id-column", default="image_id", help="Id column of --labels-csv (default: %(default)s).")
-        g.add_argument("--label-column", default="label", help="Label column of --labels-csv (default: %(default)s).")
-        g.add_argument("--ffhq-metadata", default=None, metavar="JSON",
-                       help="FFHQ's ffhq-dataset-v2.json: adds each face's category and landmarks (needed by "
-                            "--split ffhq).")
-        g.add_argument("--voc-annotations", action="store_true",
-                       help="Read Pascal-VOC lesion boxes from the .xml beside each loose image and record a "
-                            "lesion_count per patch.")
+        add_input_flags(parser)
+
+
+def add_segment_flags(parser: argparse.ArgumentParser) -> None:
+    """The skin segmenter and how it runs."""
+    g = parser.add_argument_group("segmentation")
+    g.add_argument("--segmenter-checkpoint", default=defaults.SEGMENTER, metavar="URI",
+                   help="Folder (or URL) with weights.safetensors and config.json (default: the shipped model).")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Inference device (default: cpu).")
+    g.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE,
+                   help="Images per inference batch, across images (default: %(default)s).")
+    g.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads per worker process (default: %(default)s, because runners start "
+                        "one worker process per core; raise it for a single process on many cores; 0 keeps "
+                        "torch's own default).")
+    g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+                   help="Refuse images whose declared size exceeds this many pixels (decompression bombs).")
 
 
 class SegmentOptions(PipelineOptions):
-    """The skin segmenter and how it runs."""
+    """The segmentation flags, as a Beam options group."""
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("segmentation")
-        g.add_argument("--segmenter-checkpoint", default=defaults.SEGMENTER, metavar="URI",
-                       help="Folder (or URL) with weights.safetensors and config.json (default: the shipped model).")
-        g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Inference device (default: cpu).")
-        g.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE,
-                       help="Images per inference batch, across images (default: %(default)s).")
-        g.add_argument("--torch-threads", type=int, default=1,
-                       help="torch intra-op threads per worker process (default: %(default)s, because runners start "
-                            "one worker process per core; raise it for a single process on many cores; 0 keeps "
-                            "torch's own default).")
-        g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
-                       help="Refuse images whose declared size exceeds this many pixels (decompression bombs).")
+        add_segment_flags(parser)
+
+
+def add_patch_flags(parser: argparse.ArgumentParser) -> None:
+    """How faces are filtered and tiled (both jobs: a classifier must see patches cut as in training)."""
+    g = parser.add_argument_group("faces and patches")
+    g.add_argument("--min-face-skin", type=_fraction, default=None,
+                   help=f"Filter out faces whose skin fraction is below this (default: {DEFAULT_MIN_FACE_SKIN}; "
+                        f"score: {SCORE_MIN_FACE_SKIN}, so that a small face in a wide photo is still judged).")
+    g.add_argument("--patch-size", type=_positive, default=None,
+                   help=f"Patch side in pixels (default: {DEFAULT_PATCH_SIZE}; score: the patch size the "
+                        "classifier was trained on, from its config).")
+    g.add_argument("--stride", type=_positive, default=None,
+                   help="Step between patches; defaults to --patch-size (no overlap).")
+    g.add_argument("--min-patch-skin", type=_fraction, default=None,
+                   help=f"Keep patches whose skin coverage is at least this (default: {DEFAULT_MIN_PATCH_SKIN}; "
+                        "score: the value the classifier's training patches were cut with, from its config).")
+    g.add_argument("--blackout-background", action="store_true",
+                   help="Set the non-skin pixels of each patch to black.")
 
 
 class PatchOptions(PipelineOptions):
-    """How faces are filtered and tiled (both jobs: a classifier must see patches cut as in training)."""
+    """The face and patch flags, as a Beam options group."""
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("faces and patches")
-        g.add_argument("--min-face-skin", type=_fraction, default=None,
-                       help=f"Filter out faces whose skin fraction is below this (default: {DEFAULT_MIN_FACE_SKIN}; "
-                            f"score: {SCORE_MIN_FACE_SKIN}, so that a small face in a wide photo is still judged).")
-        g.add_argument("--patch-size", type=_positive, default=None,
-                       help=f"Patch side in pixels (default: {DEFAULT_PATCH_SIZE}; score: the patch size the "
-                            "classifier was trained on, from its config).")
-        g.add_argument("--stride", type=_positive, default=None,
-                       help="Step between patches; defaults to --patch-size (no overlap).")
-        g.add_argument("--min-patch-skin", type=_fraction, default=None,
-                       help=f"Keep patches whose skin coverage is at least this (default: {DEFAULT_MIN_PATCH_SKIN}; "
-                            "score: the value the classifier's training patches were cut with, from its config).")
-        g.add_argument("--blackout-background", action="store_true",
-                       help="Set the non-skin pixels of each patch to black.")
+        add_patch_flags(parser)
+
+
+def add_encode_flags(parser: argparse.ArgumentParser) -> None:
+    """How build_dataset stores patches."""
+    g = parser.add_argument_group("patch encoding")
+    g.add_argument("--patch-format", choices=FORMATS, default="png",
+                   help="Patch encoding: png and webp are lossless, jpeg is smaller (default: %(default)s).")
+    g.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (default: %(default)s).")
+    g.add_argument("--png-compression", type=int, choices=range(10), default=1, metavar="0-9",
+                   help="PNG zlib level: 0 stores, 1 is entropy coding only (fastest, lossless like every level), "
+                        "2-9 search for matches: up to 12%% smaller, 3-40x slower (default: %(default)s).")
 
 
 class EncodeOptions(PipelineOptions):
-    """How build_dataset stores patches."""
+    """The patch encoding flags, as a Beam options group."""
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("patch encoding")
-        g.add_argument("--patch-format", choices=FORMATS, default="png",
-                       help="Patch encoding: png and webp are lossless, jpeg is smaller (default: %(default)s).")
-        g.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (default: %(default)s).")
-        g.add_argument("--png-compression", type=int, choices=range(10), default=1, metavar="0-9",
-                       help="PNG zlib level: 0 stores, 1 is entropy coding only (fastest, lossless like every level), "
-                            "2-9 search for matches: up to 12%% smaller, 3-40x slower (default: %(default)s).")
+        add_encode_flags(parser)
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """Where results go."""
+    g = parser.add_argument_group("output")
+    g.add_argument("--output", default=None, metavar="URI", help="Output folder or URL (required).")
+    g.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
 
 
 class OutputOptions(PipelineOptions):
-    """Where results go."""
+    """The output flags, as a Beam options group."""
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("output")
-        g.add_argument("--output", default=None, metavar="URI", help="Output folder or URL (required).")
-        g.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
+        add_output_flags(parser)
+
+
+def add_split_flags(parser: argparse.ArgumentParser) -> None:
+    """How faces are assigned to train/validation/test."""
+    g = parser.add_argument_group("split")
+    g.add_argument("--split", default="hash", metavar="MODE",
+                   help=f"One of {', '.join(MODES)} or a fixed split name (train, validation, test). "
+                        "hash: from a hash of the image id; ffhq: FFHQ's category (needs --ffhq-metadata); "
+                        "path: from a train/valid/test folder in the path (default: %(default)s).")
+    g.add_argument("--split-fractions", default="0.8,0.1,0.1", metavar="T,V,T",
+                   help="Train, validation and test fractions for --split hash (default: %(default)s).")
 
 
 class SplitOptions(PipelineOptions):
-    """How faces are assigned to train/validation/test."""
+    """The split flags, as a Beam options group."""
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("split")
-        g.add_argument("--split", default="hash", metavar="MODE",
-                       help=f"One of {', '.join(MODES)} or a fixed split name (train, validation, test). "
-                            "hash: from a hash of the image id; ffhq: FFHQ's category (needs --ffhq-metadata); "
-                            "path: from a train/valid/test folder in the path (default: %(default)s).")
-        g.add_argument("--split-fractions", default="0.8,0.1,0.1", metavar="T,V,T",
-                       help="Train, validation and test fractions for --split hash (default: %(default)s).")
+        add_split_flags(parser)
+
+
+def add_score_flags(parser: argparse.ArgumentParser) -> None:
+    """The classifier and what the scoring job writes."""
+    g = parser.add_argument_group("scoring")
+    g.add_argument("--classifier-checkpoint", default=defaults.CLASSIFIER, metavar="URI",
+                   help="Folder (or URL) with the classifier's weights.safetensors and config.json.")
+    g.add_argument("--classifier-batch-size", type=_positive, default=64,
+                   help="Patches per classifier batch, across images (default: %(default)s).")
+    g.add_argument("--top-patches", type=int, default=3,
+                   help="How many of the most suspicious patches to report per image (default: %(default)s).")
+    g.add_argument("--patch-table", action="store_true",
+                   help="Also write one row per scored patch, with its expected lesions.")
+    g.add_argument("--verdict-threshold", type=_open_fraction, default=None, metavar="P",
+                   help="Call a face 'acne' when its acne probability reaches P (default: the threshold "
+                        "calibrated on validation, from the classifier's config). Lower finds more acne "
+                        "and more false alarms.")
 
 
 class ScoreOptions(PipelineOptions):
-    """The classifier and what the scoring job writes."""
+    """The scoring flags, as a Beam options group."""
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("scoring")
-        g.add_argument("--classifier-checkpoint", default=defaults.CLASSIFIER, metavar="URI",
-                       help="Folder (or URL) with the classifier's weights.safetensors and config.json.")
-        g.add_argument("--classifier-batch-size", type=_positive, default=64,
-                       help="Patches per classifier batch, across images (default: %(default)s).")
-        g.add_argument("--top-patches", type=int, default=3,
-                       help="How many of the most suspicious patches to report per image (default: %(default)s).")
-        g.add_argument("--patch-table", action="store_true",
-                       help="Also write one row per scored patch, with its expected lesions.")
-        g.add_argument("--verdict-threshold", type=_open_fraction, default=None, metavar="P",
-                       help="Call a face 'acne' when its acne probability reaches P (default: the threshold "
-                            "calibrated on validation, from the classifier's config). Lower finds more acne "
-                            "and more false alarms.")
+        add_score_flags(parser)
 
 
-def resolve_tiling(args: argparse.Namespace, trained_patch_size: int = 0, trained_min_skin: float = 0.0,
-                   min_face_skin: float = DEFAULT_MIN_FACE_SKIN) -> None:
-    """Fill in the tiling flags left unset: score cuts patches the way its classifier saw them
-    in training (a face's lesions are summed over its patches), build_dataset uses the
-    defaults."""
-    if args.min_face_skin is None:
-        args.min_face_skin = min_face_skin
-    if args.patch_size is None:
-        args.patch_size = trained_patch_size or DEFAULT_PATCH_SIZE
-    if args.stride is None:
-        args.stride = args.patch_size
-    if args.min_patch_skin is None:
-        args.min_patch_skin = trained_min_skin or DEFAULT_MIN_PATCH_SKIN
-
-
-def job_parser(groups: Sequence[type[PipelineOptions]], prog: str, description: str) -> argparse.ArgumentParser:
+def job_parser(groups: Sequence[FlagGroup], prog: str, description: str) -> argparse.ArgumentParser:
     """The job's own flags, for --help and validation."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, epilog=BEAM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # else Beam's --labels would silently abbreviate our --labels-csv
     )
-    for group in groups:
-        group._add_argparse_args(parser)
+    for add_flags in groups:
+        add_flags(parser)
     return parser
 
 
 def parse(
-    argv: Sequence[str] | None, groups: Sequence[type[PipelineOptions]], prog: str, description: str
+    argv: Sequence[str] | None, groups: Sequence[FlagGroup], prog: str, description: str
 ) -> tuple[argparse.Namespace, PipelineOptions]:
     """Parse job flags (printing --help, rejecting bad values) and hand every other flag to Beam."""
     parser = job_parser(groups, prog, description)
-    args, beam_args = parser.parse_known_args(argv)
-    if not args.input:
+    flags, beam_args = parser.parse_known_args(argv)
+    if not flags.input:
         parser.error("--input is required: pass one or more paths, globs or URLs")
-    if not args.output:
+    if not flags.output:
         parser.error("--output is required")
     if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
         # Beam would otherwise try to download its Prism runner first.
         beam_args = ["--runner=DirectRunner", *beam_args]
     pipeline_options = PipelineOptions(beam_args)
-    return args, pipeline_options
+    return flags, pipeline_options

@@ -18,7 +18,10 @@ import apache_beam as beam
 
 from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR, read_manifest
 from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces
-from pipelines.options import InputOptions, OutputOptions, PatchOptions, ScoreOptions, SegmentOptions, parse
+from pipelines.config import ScoreConfig
+from pipelines.options import (
+    add_input_flags, add_output_flags, add_patch_flags, add_score_flags, add_segment_flags, parse,
+)
 from transforms.classify import AcneClassifierHandler, ClassifyFaces, patch_rows, score_row, scored_outcome, unscored_row
 from transforms.patches import CutPatches, FilterFaces
 from transforms.read_patches import ReadPatchDataset, is_patch_dataset
@@ -33,60 +36,63 @@ both checkpoints' hashes; status 'no_skin' when no usable skin was found. Failur
 OUTPUT/errors/, every input's fate to OUTPUT/faces/, and manifest.json comes last."""
 
 PROG = "python -m pipelines.score"
-OPTION_GROUPS = [InputOptions, SegmentOptions, PatchOptions, ScoreOptions, OutputOptions]
+OPTION_GROUPS = [add_input_flags, add_segment_flags, add_patch_flags, add_score_flags, add_output_flags]
 
 
-def build(p: beam.Pipeline, args: Any, prepared: Prepared, checkpoints: dict[str, dict[str, str]]) -> JobOutputs:
+def build(
+    p: beam.Pipeline, config: ScoreConfig, prepared: Prepared, checkpoints: dict[str, dict[str, str]]
+) -> JobOutputs:
     """Compose the job's stages on ``p``."""
-    if is_patch_dataset(args.input[0]):
-        patched, read_failed, inputs = p | "ReadPatchDataset" >> ReadPatchDataset(args.input[0])
+    if is_patch_dataset(config.input[0]):
+        patched, read_failed, inputs = p | "ReadPatchDataset" >> ReadPatchDataset(config.input[0])
         failures, skinless_parts = [read_failed], []
     else:
-        segmented, failures, inputs = segmented_faces(p, args, prepared)
-        faces, low_skin = segmented | "FilterFaces" >> FilterFaces(args.min_face_skin)
+        segmented, failures, inputs = segmented_faces(p, config, prepared)
+        faces, low_skin = segmented | "FilterFaces" >> FilterFaces(config.min_face_skin)
         patched, no_patch = faces | "CutPatches" >> CutPatches(
-            args.patch_size, args.stride, args.min_patch_skin, args.blackout_background
+            config.patch_size, config.stride, config.min_patch_skin, config.blackout_background
         )
         skinless_parts = [low_skin, no_patch]
     handler = AcneClassifierHandler(
-        args.classifier_checkpoint, args.device, args.classifier_batch_size, args.torch_threads,
-        args.verdict_threshold,
+        config.classifier_checkpoint, config.device, config.classifier_batch_size, config.torch_threads,
+        config.verdict_threshold,
     )
     scored, classify_failed = patched | "Classify" >> ClassifyFaces(handler)
     skinless = tuple(skinless_parts) | "Skinless" >> beam.Flatten(pipeline=p)
     hashes = checkpoints["segmenter"]["sha256"], checkpoints["classifier"]["sha256"]
     rows = (
-        scored | "ScoreRows" >> beam.Map(score_row, args.top_patches, *hashes),
+        scored | "ScoreRows" >> beam.Map(score_row, config.top_patches, *hashes),
         skinless | "SkinlessRows" >> beam.Map(unscored_row, *hashes),
     ) | "AllScoreRows" >> beam.Flatten()
-    files = [rows | "WriteScores" >> WriteParquet(args.output, SCORES_DIR, SCORE_SCHEMA)]
-    if args.patch_table:
+    files = [rows | "WriteScores" >> WriteParquet(config.output, SCORES_DIR, SCORE_SCHEMA)]
+    if config.patch_table:
         files.append(scored | "PatchRows" >> beam.FlatMap(patch_rows) | "WritePatchScores" >> WriteParquet(
-            args.output, PATCH_SCORES_DIR, PATCH_SCORE_SCHEMA
+            config.output, PATCH_SCORES_DIR, PATCH_SCORE_SCHEMA
         ))
     scored_outcomes = scored | "ScoredOutcomes" >> beam.Map(scored_outcome)
     return JobOutputs(inputs, [*failures, skinless, classify_failed, scored_outcomes], files)
 
 
-def segmenter_of(args: Any, prepared: Prepared) -> dict[str, str]:
+def segmenter_of(config: ScoreConfig, prepared: Prepared) -> dict[str, str]:
     """The segmenter behind the patches: the dataset's own when scoring a patch dataset."""
-    if is_patch_dataset(args.input[0]):
-        return read_manifest(args.input[0])["checkpoints"]["segmenter"]
-    return {"uri": args.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}
+    if is_patch_dataset(config.input[0]):
+        return read_manifest(config.input[0])["checkpoints"]["segmenter"]
+    return {"uri": config.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}
 
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
-    args, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
-    prepared = prepare(args, options)
+    flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
+    config = ScoreConfig.from_flags(flags)
+    prepared = prepare(config, options)
     p = pipeline or beam.Pipeline(options=options)
     checkpoints = {
-        "segmenter": segmenter_of(args, prepared),
-        "classifier": {"uri": args.classifier_checkpoint, "sha256": prepared.classifier_sha256},
+        "segmenter": segmenter_of(config, prepared),
+        "classifier": {"uri": config.classifier_checkpoint, "sha256": prepared.classifier_sha256},
     }
-    tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if args.patch_table else [])
-    finish_job(args, argv, "score", checkpoints, tables, build(p, args, prepared, checkpoints))
-    return complete(p.run(), args.output)
+    tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if config.patch_table else [])
+    finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints))
+    return complete(p.run(), config.output)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from apache_beam.portability import common_urns
 from models.dataset import read_manifest, read_table
 from pipelines import build_dataset, score
 from pipelines.common import prepare
+from pipelines.config import DatasetConfig
 from pipelines.options import parse
 from transforms.decode import DecodeImages
 from transforms.plan import PlanShards
@@ -169,8 +170,9 @@ def test_planning_a_shard_and_segmenting_its_images_are_split_by_a_shuffle(
     shard.write_bytes(tar_bytes({f"x/{i:05d}.png": b for i, b in enumerate(image_files(2, broken=0).values())}))
     p = beam.Pipeline()
     argv = ["--input", str(shard), "--output", str(tmp_path / "out"), "--segmenter-checkpoint", checkpoints[0]]
-    args, _ = parse(argv + JOB_FLAGS, build_dataset.OPTION_GROUPS, build_dataset.PROG, build_dataset.DESCRIPTION)
-    build_dataset.build(p, args, prepare(args))
+    flags, _ = parse(argv + JOB_FLAGS, build_dataset.OPTION_GROUPS, build_dataset.PROG, build_dataset.DESCRIPTION)
+    config = DatasetConfig.from_flags(flags)
+    build_dataset.build(p, config, prepare(config))
     components = p.to_runner_api().components
 
     fused_with_planning = _reachable_without_shuffle(components, "Read/PlanShards")

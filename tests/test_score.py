@@ -91,7 +91,9 @@ def test_patches_are_cut_as_the_classifier_saw_them_unless_flags_say_otherwise(
     _, manifest = sample_scores
     trained = _config(manifest)
     assert (trained["patch_size"], trained["min_patch_skin"]) == (128, 0.4)
+    # No tiling flag given: patches are cut, and stepped, as the classifier's were in training.
     assert (manifest["arguments"]["patch_size"], manifest["arguments"]["min_patch_skin"]) == (128, 0.4)
+    assert manifest["arguments"]["stride"] == 128
     chosen = run(["--input", str(sample_dir / "00000" / "00000.png"), "--output", str(tmp_path / "out"),
                   "--classifier-checkpoint", untrained_classifier,
                   "--patch-size", "256", "--min-patch-skin", "0.9", "--min-face-skin", "0.3"])
