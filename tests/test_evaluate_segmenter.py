@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.colour_baseline import colour_skin_mask
-from models.evaluate_segmenter import add_class_errors, add_errors, by_skin_tone, main as evaluate_main
-from models.seg_metrics import best_threshold, counts, mean_scores, scores, threshold_counts
+from models.segmenter.baseline import colour_skin_mask
+from models.segmenter.evaluate import add_class_errors, add_errors, by_skin_tone, main as evaluate_main
+from models.segmenter.metrics import best_threshold, counts, mean_scores, scores, threshold_counts
 from models.segmenter import DEFAULT_CHECKPOINT, Segmenter
-from models.skin_data import (BACKGROUND, CELEBAMASK_CLASSES, CELEBAMASK_REGIONS, HAIR, OTHER, SKIN as SKIN_REGION,
+from models.segmenter.data import (BACKGROUND, CELEBAMASK_CLASSES, CELEBAMASK_REGIONS, HAIR, OTHER, SKIN as SKIN_REGION,
                               discover, load_pair, select)
 
 SKIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "skin"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import train_segmenter
+import models.segmenter.train as train_segmenter
 from models.segmenter import Segmenter
-from models.skin_data import (SKIN as SKIN_REGION, Pair, assign_splits, colour_label_to_mask, discover, load_pair,
+from models.segmenter.data import (SKIN as SKIN_REGION, Pair, assign_splits, colour_label_to_mask, discover, load_pair,
                               select, skin_ita)
 
 NAMES = ("alice", "bruno", "chiara", "dmitri", "esther", "fatima")

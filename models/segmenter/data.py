@@ -8,6 +8,7 @@ checkpoint's held-out photos can be found again from its config.
 """
 from __future__ import annotations
 
+import argparse
 import random
 import re
 from dataclasses import dataclass
@@ -168,6 +169,14 @@ def group_ids(stems: Sequence[str]) -> list[str]:
             if short in long:
                 merged[long] = merged[short]
     return [merged[k] for k in keys]
+
+
+def add_folders_argument(p: argparse.ArgumentParser) -> None:
+    """The positional ``data`` folders, as both segmenter CLIs take them."""
+    p.add_argument("data", nargs="+", type=Path,
+                   help="data folders, each with images/ plus labels_celebamask19/ (CelebAMask-HQ class maps), "
+                        "labels/ (FASSEG colour label maps: skin and nose are target) or masks/ (binary, "
+                        "255 = skin); the layout is detected per folder")
 
 
 def discover(folder: Path | str) -> list[Pair]:

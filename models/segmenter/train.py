@@ -1,11 +1,11 @@
 """Train the skin segmenter on image/label folders and write a checkpoint plus a metrics JSON.
 
-    python -m models.train_segmenter ../shared/data/skin/fasseg_frontal \\
+    python -m models.segmenter.train ../shared/data/skin/fasseg_frontal \\
         ../shared/data/skin/fasseg_multipose ../shared/data/skin/pratheepan --output runs/seg
 
 Each folder holds ``images/`` plus ``labels/`` (FASSEG colour maps) or ``masks/`` (binary).
 A seeded, subject-grouped share of every folder is held out for validation; the split is
-written into the checkpoint config so ``models.evaluate_segmenter --split val`` scores the
+written into the checkpoint config so ``models.segmenter.evaluate --split val`` scores the
 same photos. The checkpoint kept is the epoch with the best validation IoU.
 """
 from __future__ import annotations
@@ -26,12 +26,13 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
-from models.seg_metrics import counts, mean_scores, scores
-from models.segmenter import Segmenter, SegmenterConfig, build_network
-from models.skin_data import (BACKGROUND, HAIR, SKIN, Pair, assign_splits, discover, load_pair, load_regions, select,
-                              skin_ita)
+from models import cli
+from models.segmenter.metrics import counts, mean_scores, scores
+from models.segmenter.model import Segmenter, SegmenterConfig, build_network
+from models.segmenter.data import (BACKGROUND, HAIR, SKIN, Pair, add_folders_argument, assign_splits, discover,
+                                    load_pair, load_regions, select, skin_ita)
 
-log = logging.getLogger("train_segmenter")
+log = logging.getLogger(__name__)
 
 ITA_BIN_DEGREES = 15.0
 LOSSES = ("bce_dice", "bce", "dice", "bce_lovasz")
@@ -39,14 +40,9 @@ _LOVASZ = smp.losses.LovaszLoss("binary", per_image=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m models.train_segmenter",
-        description="Train the skin segmenter (skin that acne can affect vs everything else).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("data", nargs="+", type=Path,
-                   help="data folders, each with images/ plus labels/ (FASSEG colour label maps: skin and nose "
-                        "are target) or masks/ (binary, 255 = skin); the layout is detected per folder")
+    p = cli.parser("python -m models.segmenter.train",
+                   "Train the skin segmenter (skin that acne can affect vs everything else).")
+    add_folders_argument(p)
     p.add_argument("--output", type=Path, default=Path("runs/segmenter"),
                    help="checkpoint folder to write (weights.safetensors + config.json); overwritten")
     p.add_argument("--metrics-json", type=Path, default=None,
@@ -81,9 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="sample images of folder NAME W times as often (repeatable), e.g. pratheepan=2")
     p.add_argument("--cache-size", type=int, default=512,
                    help="decoded training images are kept in memory with their longer side at most this")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; 1 is fastest when other jobs share the cores (two threads on a "
-                        "busy 2-core machine measured 5-10x slower), raise it on a dedicated machine")
+    cli.add_torch_args(p, threads=1, device=False)
     p.add_argument("--seed", type=int, default=0, help="seed for the split, sampling, augmentation and weights")
     p.add_argument("--fake-backgrounds", type=float, default=0.25,
                    help="probability that a FASSEG view's background becomes a smooth skin-toned backdrop "
@@ -335,7 +329,7 @@ def _dataset_weights(specs: Sequence[str]) -> dict[str, float]:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run one training; return the metrics that were written to the metrics JSON."""
-    torch.set_num_threads(args.threads)
+    cli.set_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     random.seed(args.seed)
