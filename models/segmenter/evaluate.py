@@ -34,7 +34,6 @@ from typing import Any, Sequence
 
 import cv2
 import numpy as np
-import torch
 
 from models import cli
 from models.segmenter.baseline import ColourBaseline

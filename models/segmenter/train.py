@@ -25,6 +25,7 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
 
 from models import cli
 from models.segmenter.metrics import counts, mean_scores, scores
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 ITA_BIN_DEGREES = 15.0
 LOSSES = ("bce_dice", "bce", "dice", "bce_lovasz")
 _LOVASZ = smp.losses.LovaszLoss("binary", per_image=True)
+# Soft Dice over the whole batch (smooth 1); it scores 0 on a batch with no skin at all.
+_DICE = smp.losses.DiceLoss("binary", from_logits=True, smooth=1.0)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -267,9 +270,7 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
     if kind in ("bce", "bce_dice", "bce_lovasz"):
         total = total + F.binary_cross_entropy_with_logits(logits, target)
     if kind in ("dice", "bce_dice"):
-        prob = torch.sigmoid(logits)
-        inter = (prob * target).sum()
-        total = total + 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
+        total = total + _DICE(logits, target)
     if kind == "bce_lovasz":
         total = total + _LOVASZ(logits, target)
     return total
@@ -384,8 +385,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps_per_epoch or max(1, math.ceil(len(train_pairs) / args.batch_size))
     total_steps = steps * args.epochs
     opt = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))))
+    # Linear warm-up over the first epoch, from lr/steps to lr, then cosine decay to 0 at the last step.
+    sched = CosineLRScheduler(opt, t_initial=total_steps, lr_min=0.0, warmup_t=steps - 1, warmup_lr_init=args.lr / steps,
+                              warmup_prefix=False, t_in_epochs=False)
+    step = 0
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
 
@@ -410,13 +413,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            step += 1
+            sched.step_update(step)
             if averaged:
                 averaged.update_parameters(network)
             losses.append(loss.item())
         val = validate(segmenter, val_data) if val_data else {}
         iou = val.get("macro", {}).get("iou", -float(np.mean(losses)))
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
                "seconds": round(time.time() - epoch_start, 1), "val": val}
         history.append(row)
         improved = iou > best["iou"]
