@@ -86,11 +86,6 @@ def colour_label_to_regions(label_rgb: np.ndarray) -> np.ndarray:
     return regions[dist.argmin(-1)]
 
 
-def colour_label_to_mask(label_rgb: np.ndarray) -> np.ndarray:
-    """FASSEG colour map -> 0/1 target (skin and nose)."""
-    return (colour_label_to_regions(label_rgb) == SKIN).astype(np.uint8)
-
-
 def read_classes(pair: Pair, shape: tuple[int, ...]) -> np.ndarray:
     """A CelebAMask pair's class ids (see ``CELEBAMASK_CLASSES``) at the image's height and width."""
     if pair.kind != "celebamask19":
