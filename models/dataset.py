@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 
 MANIFEST = "manifest.json"
 PATCHES_DIR = "patches"
@@ -142,10 +142,10 @@ def read_parquet_dir(uri: str, schema: pa.Schema, columns: Iterable[str] | None 
     fs, path = fsspec.core.url_to_fs(uri)
     files = sorted(f for f in fs.find(path) if f.endswith(".parquet")) if fs.isdir(path) else []
     cols = list(columns) if columns is not None else None
-    tables = [pq.read_table(f, columns=cols, filesystem=fs) for f in files]
-    if not tables:
+    if not files:
         return schema.empty_table().select(cols) if cols else schema.empty_table()
-    return pa.concat_tables(tables)
+    # pyarrow wraps the fsspec filesystem itself, so every URL fsspec reads (memory://, gs://, s3://) works.
+    return ds.dataset(files, format="parquet", filesystem=fs).to_table(columns=cols)
 
 
 def read_table(root: str, subdir: str, columns: Iterable[str] | None = None) -> pa.Table:

@@ -3,8 +3,9 @@ and its checkpoint hash, loaded once and ready for inference."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
+import cv2
 import numpy as np
 import torch
 
@@ -15,11 +16,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class CheckpointedNetwork:
-    """Base of ``Segmenter`` and ``Classifier``: subclasses name their ``kind`` and ``config_type``
-    and say how to ``build`` a network from a config and ``describe`` it in error messages."""
+    """Base of ``Segmenter`` and ``Classifier``, which pass as class arguments their ``kind``, their
+    ``config_type`` (whose ``describe()`` names the network in error messages), how to ``build`` a
+    network from it, and the interpolation that enlarges an input to the network's size."""
 
     kind: ClassVar[str]
     config_type: ClassVar[Any]
+    build: ClassVar[Callable[[Any], torch.nn.Module]]
+    # INTER_AREA is the right filter for shrinking; what fits enlarging is the one each model was trained with.
+    enlarge_interpolation: ClassVar[int]
+
+    def __init_subclass__(cls, kind: str, config_type: Any, build: Callable[[Any], torch.nn.Module],
+                          enlarge_interpolation: int, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.kind, cls.config_type, cls.enlarge_interpolation = kind, config_type, enlarge_interpolation
+        cls.build = staticmethod(build)
 
     def __init__(self, network: torch.nn.Module, cfg: Any, sha256: str = "", device: str = "cpu"):
         self.cfg = cfg
@@ -28,14 +39,6 @@ class CheckpointedNetwork:
         self.network = network.to(self.device).eval()
         self._mean = np.asarray(cfg.mean, np.float32) * 255.0
         self._inv_std = 1.0 / (np.asarray(cfg.std, np.float32) * 255.0)
-
-    @staticmethod
-    def build(cfg: Any) -> torch.nn.Module:
-        raise NotImplementedError
-
-    @staticmethod
-    def describe(cfg: Any) -> str:
-        raise NotImplementedError
 
     @classmethod
     def load(cls, uri: str, device: str = "cpu") -> Any:
@@ -46,14 +49,14 @@ class CheckpointedNetwork:
             network = cls.build(cfg)
         except Exception as exc:
             raise CheckpointError(
-                f"{cls.kind} checkpoint at {uri} names {cls.describe(cfg)}, which this install cannot build: {exc}"
+                f"{cls.kind} checkpoint at {uri} names {cfg.describe()}, which this install cannot build: {exc}"
             ) from exc
         try:
             network.load_state_dict(ckpt.state_dict)
         except RuntimeError as exc:
             raise CheckpointError(
-                f"{cls.kind} weights at {uri} do not fit {cls.describe(cfg)}: the config and the weights come "
-                f"from different trainings; re-export the checkpoint with models.train_{cls.kind}. "
+                f"{cls.kind} weights at {uri} do not fit {cfg.describe()}: the config and the weights come "
+                f"from different trainings; re-export the checkpoint with models.{cls.kind}.train. "
                 f"Detail: {str(exc)[:300]}"
             ) from exc
         return cls(network, cfg, ckpt.sha256, device)
@@ -62,6 +65,14 @@ class CheckpointedNetwork:
         """Write the checkpoint (optionally replacing the training record); return its sha256."""
         cfg = self.cfg if training is None else replace(self.cfg, training=dict(training))
         return save_checkpoint(uri, self.network.state_dict(), cfg.to_dict())
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """RGB uint8 HxWx3 -> normalised float32 3xSxS at the model's input size."""
+        size = self.cfg.input_size
+        if image.shape[:2] != (size, size):
+            interp = cv2.INTER_AREA if min(image.shape[:2]) > size else self.enlarge_interpolation
+            image = cv2.resize(image, (size, size), interpolation=interp)
+        return self.normalise(image)
 
     def normalise(self, pixels: np.ndarray) -> np.ndarray:
         """RGB HxWx3 at the network's input size -> normalised float32 3xHxW."""

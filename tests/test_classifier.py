@@ -196,5 +196,5 @@ def test_an_old_format_config_is_refused_with_a_message_to_retrain(tmp_path: Pat
     _edit_config(ckpt, acne_slope=None, acne_bias=None, verdict_threshold=None, severity_slopes=None,
                  severity_bias=None, verdicts=None, classes=["0", "1", "2", "3"], aggregation="evidence",
                  patch_output="count", evidence_slopes=[0, 1, 2, 3])
-    with pytest.raises(CheckpointError, match="no acne_slope.*Retrain it with python -m models.train_classifier"):
+    with pytest.raises(CheckpointError, match="no acne_slope.*Retrain it with python -m models.classifier.train"):
         Classifier.load(str(ckpt))

@@ -9,8 +9,8 @@ import pytest
 
 from models import defaults
 from models.classifier import SEVERITIES, Classifier
-from models.evaluate_classifier import main as evaluate
-from models.train_classifier import main as train
+from models.classifier.evaluate import main as evaluate
+from models.classifier.train import main as train
 from tests.classifier_data import write_patch_dataset
 
 FAST = ["--arch", "test_byobnet", "--input-size", "24", "--batch-size", "16", "--threads", "1"]

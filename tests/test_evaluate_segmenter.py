@@ -8,14 +8,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import segmentation_models_pytorch as smp
+import torch
 from PIL import Image
 
-from models.colour_baseline import colour_skin_mask
-from models.evaluate_segmenter import add_class_errors, add_errors, by_skin_tone, main as evaluate_main
-from models.seg_metrics import best_threshold, counts, mean_scores, scores, threshold_counts
+from models.segmenter.baseline import colour_skin_mask
 from models.segmenter import DEFAULT_CHECKPOINT, Segmenter
-from models.skin_data import (BACKGROUND, CELEBAMASK_CLASSES, CELEBAMASK_REGIONS, HAIR, OTHER, SKIN as SKIN_REGION,
-                              discover, load_pair, select)
+from models.segmenter.data import (BACKGROUND, CELEBAMASK_CLASSES, CELEBAMASK_REGIONS, HAIR, OTHER, SKIN as SKIN_REGION,
+                                   discover, load_pair, select)
+from models.segmenter.evaluate import add_class_errors, add_errors, by_skin_tone, main as evaluate_main
+from models.segmenter.metrics import THRESHOLDS, best_threshold, counts, mean_scores, scores, threshold_counts
 
 SKIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "skin"
 needs_data = pytest.mark.skipif(not SKIN.is_dir(), reason=f"real skin data not found at {SKIN}")
@@ -76,6 +78,24 @@ def test_scores_and_threshold_sweep_agree_on_a_known_case() -> None:
     assert scores(*counts(prob >= 0.3, truth))["iou"] == pytest.approx(5 / 7)
     threshold, iou = best_threshold([threshold_counts(prob, truth)])
     assert iou == 1.0 and 0.45 <= threshold <= 0.55
+
+
+@pytest.mark.parametrize("skin_share", [0.0, 0.05, 0.5])
+def test_scores_and_threshold_sweep_match_segmentation_models_pytorch(skin_share: float) -> None:
+    rng = np.random.default_rng(7)
+    prob = rng.random((37, 53)).astype(np.float32)
+    truth = (rng.random((37, 53)) < skin_share).astype(np.uint8)
+    target = torch.from_numpy(truth).long()[None, None]
+    pred = prob >= 0.5
+    stats = [t.float() for t in smp.metrics.get_stats(torch.from_numpy(pred).long()[None, None], target, mode="binary")]
+    expected = {"iou": smp.metrics.iou_score, "dice": smp.metrics.f1_score, "precision": smp.metrics.precision,
+                "recall": smp.metrics.recall}
+    ours = scores(*counts(pred, truth))
+    for name, metric in expected.items():
+        assert ours[name] == pytest.approx(metric(*stats, zero_division=1.0).item(), abs=1e-6), name
+    swept = [[int(v) for v in smp.metrics.get_stats(torch.from_numpy(prob)[None, None], target, mode="binary",
+                                                      threshold=float(t))[:3]] for t in THRESHOLDS]
+    assert threshold_counts(prob, truth).tolist() == swept
 
 
 @needs_data

@@ -1,4 +1,4 @@
-"""prepare_acne_data: the shared sources as build_dataset inputs, at several scales, without leaks."""
+"""models.classifier.prepare: the shared sources as build_dataset inputs, at several scales, without leaks."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models.prepare_acne_data import SCALES, duplicate_groups, main, voc_boxes
+from models.classifier.prepare import SCALES, duplicate_groups, main, voc_boxes
 
 
 def _photo(path: Path, seed: int, size: tuple[int, int] = (200, 160)) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from models.checkpoint import CheckpointError, save_checkpoint
 from models.segmenter import DEFAULT_CHECKPOINT, Segmenter, SegmenterConfig, build_network
-from models.skin_data import read_rgb
+from models.segmenter.data import read_rgb
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FFHQ_IMAGE = DATA / "ffhq" / "15723.jpg"

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from models.classifier import SEVERITIES, Classifier
-from models.patch_data import load_patch_set
-from models.train_classifier import main
+from models.classifier.data import load_patch_set
+from models.classifier.train import main
 from tests.classifier_data import MIN_PATCH_SKIN, save_untrained_classifier, write_patch_dataset
 
 FAST = ["--arch", "test_byobnet", "--input-size", "24", "--batch-size", "16", "--threads", "1"]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from models import train_segmenter
+import models.segmenter.train as train_segmenter
 from models.segmenter import Segmenter
-from models.skin_data import (SKIN as SKIN_REGION, Pair, assign_splits, colour_label_to_mask, discover, load_pair,
-                              select, skin_ita)
+from models.segmenter.data import (SKIN as SKIN_REGION, Pair, assign_splits, colour_label_to_regions, discover,
+                                   load_pair, select, skin_ita)
 
 NAMES = ("alice", "bruno", "chiara", "dmitri", "esther", "fatima")
 SKIN, NOSE, EYES, HAIR, BACKGROUND = (255, 255, 0), (0, 255, 255), (0, 0, 255), (127, 0, 0), (255, 0, 0)
@@ -64,7 +64,7 @@ def _write_fasseg_folder(root: Path, subjects: int, poses: int, seed: int) -> Pa
 
 def test_anti_aliased_colour_labels_map_to_the_nearest_class() -> None:
     label = np.array([[SKIN, NOSE, EYES, HAIR, BACKGROUND, (240, 250, 20), (200, 30, 10)]], np.uint8)
-    np.testing.assert_array_equal(colour_label_to_mask(label), [[1, 1, 0, 0, 0, 1, 0]])
+    np.testing.assert_array_equal(colour_label_to_regions(label) == SKIN_REGION, [[1, 1, 0, 0, 0, 1, 0]])
 
 
 def test_folders_are_detected_and_labels_fit_their_images(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Score a skin segmenter checkpoint, and the YCrCb colour baseline, on labelled folders.
 
-    python -m models.evaluate_segmenter ../shared/data/skin/fasseg_frontal \\
+    python -m models.segmenter.evaluate ../shared/data/skin/fasseg_frontal \\
         ../shared/data/skin/fasseg_multipose ../shared/data/skin/pratheepan \\
         --json runs/eval.json --sheet runs/sheet.png
 
@@ -34,15 +34,16 @@ from typing import Any, Sequence
 
 import cv2
 import numpy as np
-import torch
 
-from models.colour_baseline import ColourBaseline
-from models.seg_metrics import METRICS, THRESHOLDS, best_threshold, counts, mean_scores, scores, threshold_counts
-from models.segmenter import DEFAULT_CHECKPOINT, Segmenter
-from models.skin_data import (BACKGROUND, CELEBAMASK_CLASSES, CELEBAMASK_REGIONS, HAIR, IMAGE_SUFFIXES, OTHER, SKIN,
-                              Pair, discover, read_classes, read_regions, read_rgb, select, skin_ita)
+from models import cli
+from models.segmenter.baseline import ColourBaseline
+from models.segmenter.metrics import METRICS, THRESHOLDS, best_threshold, counts, mean_scores, scores, threshold_counts
+from models.segmenter.model import DEFAULT_CHECKPOINT, Segmenter
+from models.segmenter.data import (BACKGROUND, CELEBAMASK_CLASSES, CELEBAMASK_REGIONS, HAIR, IMAGE_SUFFIXES, OTHER,
+                                    SKIN, Pair, add_folders_argument, discover, read_classes, read_regions, read_rgb,
+                                    select, skin_ita)
 
-log = logging.getLogger("evaluate_segmenter")
+log = logging.getLogger(__name__)
 TIMING_SIZE = 1024
 SHEET_TILE = 200
 # Where the model's errors lie: false skin by the region the label gives it, and missed skin.
@@ -71,14 +72,9 @@ UNLABELLED_PER_ROW = 3
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m models.evaluate_segmenter",
-        description="Evaluate a skin segmenter checkpoint next to the YCrCb colour-threshold baseline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("data", nargs="+", type=Path,
-                   help="data folders with images/ plus labels_celebamask19/ (CelebAMask-HQ class maps: errors "
-                        "are also reported per class), labels/ (FASSEG colour maps) or masks/ (binary)")
+    p = cli.parser("python -m models.segmenter.evaluate",
+                   "Evaluate a skin segmenter checkpoint next to the YCrCb colour-threshold baseline.")
+    add_folders_argument(p)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="segmenter checkpoint folder or fsspec URL (default: the shipped checkpoint)")
     p.add_argument("--split", choices=("val", "train", "all"), default="val",
@@ -92,10 +88,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-images", type=int, default=10,
                    help="images per folder timed one by one at 1024x1024 (after 2 warm-up calls)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass while scoring")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; 1 is fastest when other jobs share the cores (two threads on a "
-                        "busy 2-core machine measured 5-10x slower), raise it on a dedicated machine")
-    p.add_argument("--device", default="cpu", help="torch device for the model")
+    cli.add_torch_args(p, threads=1)
     p.add_argument("--unlabelled", nargs="+", type=Path, default=[], metavar="FOLDER_OR_IMAGE",
                    help="photos without labels (files, or folders read in sorted order) to segment at their "
                         "full size, e.g. FFHQ's 1024x1024 faces; their skin fractions go to the table and --json")
@@ -305,7 +298,7 @@ def segment_unlabelled(segmenter: Segmenter, paths: Sequence[Path]) -> tuple[lis
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate every folder, then the unlabelled photos; return the report that --json writes."""
-    torch.set_num_threads(args.threads)
+    cli.set_threads(args.threads)
     unlabelled = unlabelled_paths(args.unlabelled, args.unlabelled_limit) if args.unlabelled else []
     segmenter = Segmenter.load(args.checkpoint, args.device)
     split = segmenter.cfg.training.get("split", {})

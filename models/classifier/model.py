@@ -83,7 +83,7 @@ class ClassifierConfig:
         if "acne_slope" not in raw:
             raise CheckpointError(
                 "classifier config has no acne_slope: it predates the clear/acne verdict. Retrain it with "
-                "python -m models.train_classifier, or use the shipped default checkpoint"
+                "python -m models.classifier.train, or use the shipped default checkpoint"
             )
         known = set(cls.__dataclass_fields__)
         try:
@@ -137,6 +137,10 @@ class ClassifierConfig:
     def to_dict(self) -> dict[str, Any]:
         return dict(asdict(self), kind=KIND)
 
+    def describe(self) -> str:
+        """The network, as error messages name it."""
+        return f"a {self.arch} network with {self.num_outputs} outputs (grades {list(self.classes)} and a lesion count)"
+
 
 @dataclass(frozen=True)
 class FaceScore:
@@ -173,29 +177,17 @@ def severity_probs(lesions: float, slopes: Sequence[float], bias: Sequence[float
     return z / z.sum()
 
 
-class Classifier(CheckpointedNetwork):
+class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, build=build_network,
+                 enlarge_interpolation=cv2.INTER_AREA):
     """A loaded classifier: network, config and checkpoint hash, ready for inference."""
 
-    kind = KIND
-    config_type = ClassifierConfig
     cfg: ClassifierConfig
-
-    @staticmethod
-    def build(cfg: ClassifierConfig) -> torch.nn.Module:
-        return build_network(cfg)
-
-    @staticmethod
-    def describe(cfg: ClassifierConfig) -> str:
-        return f"a {cfg.arch} network with {cfg.num_outputs} outputs (grades {list(cfg.classes)} and a lesion count)"
 
     def preprocess(self, patch: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 -> normalised float32 3xSxS at the model's input size."""
         if patch.ndim != 3 or patch.shape[2] != 3:
             raise ValueError(f"a patch must be an RGB HxWx3 array, got shape {patch.shape}")
-        size = self.cfg.input_size
-        if patch.shape[:2] != (size, size):
-            patch = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
-        return self.normalise(patch)
+        return super().preprocess(patch)
 
     @torch.inference_mode()
     def forward_patches(self, patches: Sequence[np.ndarray], batch_size: int = 256) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Evaluate an acne classifier checkpoint on build_dataset patch datasets, per face.
 
-    python -m models.evaluate_classifier [NAME=]DATASET... [--checkpoint PATH]
+    python -m models.classifier.evaluate [NAME=]DATASET... [--checkpoint PATH]
                                          [--split validation,test] [--json OUT] [--plots DIR]
 
 Every face's patches go through ``Classifier.predict_lesions`` and ``Classifier.judge``
@@ -27,14 +27,14 @@ import cv2
 import fsspec
 import numpy as np
 
-from models import defaults
-from models.classification_metrics import binary_verdict_report, classification_report, source_rates
-from models.classifier import Classifier
-from models.patch_data import PatchSet, decode_rgb, face_verdicts, load_sources
+from models import cli, defaults
+from models.classifier.metrics import binary_verdict_report, classification_report, source_rates
+from models.classifier.model import Classifier
+from models.classifier.data import PatchSet, decode_rgb, face_verdicts, load_sources
 
 DEFAULT_CHECKPOINT = defaults.CLASSIFIER
 SHEET_TILE = 220
-log = logging.getLogger("evaluate_classifier")
+log = logging.getLogger(__name__)
 
 
 def _probability(text: str) -> float:
@@ -45,11 +45,7 @@ def _probability(text: str) -> float:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m models.evaluate_classifier",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = cli.parser("python -m models.classifier.evaluate", __doc__.split("\n\n")[0])
     p.add_argument("datasets", nargs="+", metavar="[NAME=]DATASET",
                    help="build_dataset outputs (local paths or fsspec URLs); NAME@SCALE names a source at a scale")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="classifier checkpoint folder or URL")
@@ -62,7 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="folder for verdict_confusion_matrix.png, severity_confusion_matrix.png, roc.png and "
                         "errors_sheet.png")
     p.add_argument("--sheet-faces", type=int, default=12, help="false positives and false negatives on the sheet, each")
-    p.add_argument("--device", default="cpu", help="torch device")
+    cli.add_torch_args(p, threads=0)
     return p.parse_args(argv)
 
 
@@ -268,6 +264,7 @@ def summary(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     args = parse_args(argv)
+    cli.set_threads(args.threads)
     clf = Classifier.load(args.checkpoint, device=args.device)
     log.info("checkpoint %s (sha256 %s), verdicts %s, grades %s", args.checkpoint, clf.sha256[:12],
              list(clf.cfg.verdicts), list(clf.cfg.classes))

@@ -18,7 +18,7 @@ from models.checkpoint import CheckpointError
 from models.network import IMAGENET_MEAN, IMAGENET_STD, CheckpointedNetwork
 
 KIND = "segmenter"
-# The shipped checkpoint, trained by models.train_segmenter (see its MODEL_CARD.md).
+# The shipped checkpoint, trained by models.segmenter.train (see its MODEL_CARD.md).
 DEFAULT_CHECKPOINT = defaults.SEGMENTER
 
 
@@ -56,6 +56,10 @@ class SegmenterConfig:
     def to_dict(self) -> dict[str, Any]:
         return dict(asdict(self), kind=KIND)
 
+    def describe(self) -> str:
+        """The network, as error messages name it."""
+        return f"a {self.arch}/{self.encoder} network"
+
 
 def build_network(cfg: SegmenterConfig) -> torch.nn.Module:
     """Create the smp network with random weights (nothing is ever downloaded)."""
@@ -64,26 +68,11 @@ def build_network(cfg: SegmenterConfig) -> torch.nn.Module:
     )
 
 
-class Segmenter(CheckpointedNetwork):
+class Segmenter(CheckpointedNetwork, kind=KIND, config_type=SegmenterConfig, build=build_network,
+                enlarge_interpolation=cv2.INTER_LINEAR):
     """A loaded segmenter: network, config and checkpoint hash, ready for inference."""
 
-    kind = KIND
-    config_type = SegmenterConfig
     cfg: SegmenterConfig
-
-    @staticmethod
-    def build(cfg: SegmenterConfig) -> torch.nn.Module:
-        return build_network(cfg)
-
-    @staticmethod
-    def describe(cfg: SegmenterConfig) -> str:
-        return f"a {cfg.arch}/{cfg.encoder} network"
-
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """RGB uint8 HxWx3 -> normalised float32 3xSxS at the model's input size."""
-        size = self.cfg.input_size
-        interp = cv2.INTER_AREA if min(image.shape[:2]) > size else cv2.INTER_LINEAR
-        return self.normalise(cv2.resize(image, (size, size), interpolation=interp))
 
     def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB uint8 images -> one normalised input batch on the model's device."""

@@ -1,11 +1,11 @@
 """Train the skin segmenter on image/label folders and write a checkpoint plus a metrics JSON.
 
-    python -m models.train_segmenter ../shared/data/skin/fasseg_frontal \\
+    python -m models.segmenter.train ../shared/data/skin/fasseg_frontal \\
         ../shared/data/skin/fasseg_multipose ../shared/data/skin/pratheepan --output runs/seg
 
 Each folder holds ``images/`` plus ``labels/`` (FASSEG colour maps) or ``masks/`` (binary).
 A seeded, subject-grouped share of every folder is held out for validation; the split is
-written into the checkpoint config so ``models.evaluate_segmenter --split val`` scores the
+written into the checkpoint config so ``models.segmenter.evaluate --split val`` scores the
 same photos. The checkpoint kept is the epoch with the best validation IoU.
 """
 from __future__ import annotations
@@ -25,28 +25,27 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
 
-from models.seg_metrics import counts, mean_scores, scores
-from models.segmenter import Segmenter, SegmenterConfig, build_network
-from models.skin_data import (BACKGROUND, HAIR, SKIN, Pair, assign_splits, discover, load_pair, load_regions, select,
-                              skin_ita)
+from models import cli
+from models.segmenter.metrics import counts, mean_scores, scores
+from models.segmenter.model import Segmenter, SegmenterConfig, build_network
+from models.segmenter.data import (BACKGROUND, HAIR, SKIN, Pair, add_folders_argument, assign_splits, discover,
+                                    load_pair, load_regions, select, skin_ita)
 
-log = logging.getLogger("train_segmenter")
+log = logging.getLogger(__name__)
 
 ITA_BIN_DEGREES = 15.0
 LOSSES = ("bce_dice", "bce", "dice", "bce_lovasz")
 _LOVASZ = smp.losses.LovaszLoss("binary", per_image=True)
+# Soft Dice over the whole batch (smooth 1); it scores 0 on a batch with no skin at all.
+_DICE = smp.losses.DiceLoss("binary", from_logits=True, smooth=1.0)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m models.train_segmenter",
-        description="Train the skin segmenter (skin that acne can affect vs everything else).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("data", nargs="+", type=Path,
-                   help="data folders, each with images/ plus labels/ (FASSEG colour label maps: skin and nose "
-                        "are target) or masks/ (binary, 255 = skin); the layout is detected per folder")
+    p = cli.parser("python -m models.segmenter.train",
+                   "Train the skin segmenter (skin that acne can affect vs everything else).")
+    add_folders_argument(p)
     p.add_argument("--output", type=Path, default=Path("runs/segmenter"),
                    help="checkpoint folder to write (weights.safetensors + config.json); overwritten")
     p.add_argument("--metrics-json", type=Path, default=None,
@@ -81,9 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="sample images of folder NAME W times as often (repeatable), e.g. pratheepan=2")
     p.add_argument("--cache-size", type=int, default=512,
                    help="decoded training images are kept in memory with their longer side at most this")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; 1 is fastest when other jobs share the cores (two threads on a "
-                        "busy 2-core machine measured 5-10x slower), raise it on a dedicated machine")
+    cli.add_torch_args(p, threads=1, device=False)
     p.add_argument("--seed", type=int, default=0, help="seed for the split, sampling, augmentation and weights")
     p.add_argument("--fake-backgrounds", type=float, default=0.25,
                    help="probability that a FASSEG view's background becomes a smooth skin-toned backdrop "
@@ -273,9 +270,7 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
     if kind in ("bce", "bce_dice", "bce_lovasz"):
         total = total + F.binary_cross_entropy_with_logits(logits, target)
     if kind in ("dice", "bce_dice"):
-        prob = torch.sigmoid(logits)
-        inter = (prob * target).sum()
-        total = total + 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
+        total = total + _DICE(logits, target)
     if kind == "bce_lovasz":
         total = total + _LOVASZ(logits, target)
     return total
@@ -335,7 +330,7 @@ def _dataset_weights(specs: Sequence[str]) -> dict[str, float]:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run one training; return the metrics that were written to the metrics JSON."""
-    torch.set_num_threads(args.threads)
+    cli.set_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     random.seed(args.seed)
@@ -390,8 +385,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps_per_epoch or max(1, math.ceil(len(train_pairs) / args.batch_size))
     total_steps = steps * args.epochs
     opt = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))))
+    # Linear warm-up over the first epoch, from lr/steps to lr, then cosine decay to 0 at the last step.
+    sched = CosineLRScheduler(opt, t_initial=total_steps, lr_min=0.0, warmup_t=steps - 1, warmup_lr_init=args.lr / steps,
+                              warmup_prefix=False, t_in_epochs=False)
+    step = 0
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
 
@@ -416,13 +413,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            step += 1
+            sched.step_update(step)
             if averaged:
                 averaged.update_parameters(network)
             losses.append(loss.item())
         val = validate(segmenter, val_data) if val_data else {}
         iou = val.get("macro", {}).get("iou", -float(np.mean(losses)))
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
                "seconds": round(time.time() - epoch_start, 1), "val": val}
         history.append(row)
         improved = iou > best["iou"]

@@ -1,6 +1,6 @@
 """Train the acne classifier on one or more build_dataset patch datasets.
 
-    python -m models.train_classifier [NAME=]DATASET... --output CHECKPOINT_DIR [options]
+    python -m models.classifier.train [NAME=]DATASET... --output CHECKPOINT_DIR [options]
 
 The network learns each patch's lesion count (Poisson loss) from mixed supervision: patches
 of faces with VOC boxes carry their counts, patches of faces labelled ``clear`` count zero
@@ -12,7 +12,7 @@ severity curve is fitted on graded train faces. The epoch kept is the best on bi
 macro-F1 plus a quarter of the severity macro-F1.
 
 Datasets are named ``NAME=PATH`` or after their folder; ``acne04@0.5`` is the source
-``acne04`` at another scale (see ``models.prepare_acne_data``).
+``acne04`` at another scale (see ``models.classifier.prepare``).
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models import cli
 from models.checkpoint import load_checkpoint
-from models.classification_metrics import binary_verdict_report, classification_report
-from models.classifier import (
+from models.classifier.metrics import binary_verdict_report, classification_report
+from models.classifier.model import (
     SEVERITIES,
     Classifier,
     ClassifierConfig,
@@ -42,7 +43,7 @@ from models.classifier import (
     severity_probs,
 )
 from models.dataset import read_manifest
-from models.patch_data import (
+from models.classifier.data import (
     PatchSet,
     check_splits_disjoint,
     face_totals,
@@ -52,19 +53,14 @@ from models.patch_data import (
     parse_label_map,
 )
 
-log = logging.getLogger("train_classifier")
+log = logging.getLogger(__name__)
 # Weight of the severity macro-F1 next to the binary macro-F1 when epochs are compared: the
 # verdict is the question, the grade comes second.
 SEVERITY_SELECTION_WEIGHT = 0.25
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m models.train_classifier",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = cli.parser("python -m models.classifier.train", __doc__.split("\n\n")[0], __doc__.split("\n\n", 2)[2])
     p.add_argument("datasets", nargs="+", metavar="[NAME=]DATASET",
                    help="build_dataset outputs (local paths or fsspec URLs) with patches/{train,validation}")
     p.add_argument("--output", required=True, help="checkpoint folder to write (local path or fsspec URL)")
@@ -94,8 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", default=None,
                    help="classifier checkpoint to start from (same arch and input size); tensors whose shape "
                         "fits are reused")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    cli.add_torch_args(p, threads=0)
     return p.parse_args(argv)
 
 
@@ -444,8 +439,7 @@ def write_outputs(trainer: Trainer, outcome: dict[str, Any], started: float, com
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    cli.set_threads(args.threads)
     np.random.seed(args.seed)
     started = time.time()
     trainer = Trainer(args)

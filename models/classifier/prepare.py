@@ -1,6 +1,6 @@
 """Lay out the classifier's training sources as build_dataset inputs, at several image scales.
 
-    python -m models.prepare_acne_data ../shared/data --output /tmp/acne_sources
+    python -m models.classifier.prepare ../shared/data --output /tmp/acne_sources
 
 ACNE04 shows a cheek close-up (a median lesion box is 30 px at 640²); FFHQ shows a whole face
 at 1024², where a lesion spans 5-12 px. The lesion counter learns across that range from
@@ -33,12 +33,12 @@ from xml.etree import ElementTree
 import cv2
 import numpy as np
 
-log = logging.getLogger("prepare_acne_data")
+log = logging.getLogger(__name__)
 
 # Shrink factors per source: ACNE04 close-ups down to FFHQ's lesion size, and clear faces down
 # to the same face sizes, so that scale alone never tells acne from clear.
 SCALES = {"acne04": (1.0, 0.5, 0.3), "deteksi": (1.0, 0.6), "celebahq": (1.0, 0.5, 0.35), "pratheepan": (1.0, 0.5)}
-# Clear-skin sources never trained on, scored only by evaluate_classifier: lab portraits and FFHQ.
+# Clear-skin sources never trained on, scored only by models.classifier.evaluate: lab portraits and FFHQ.
 HELD_OUT_CLEAR = {"fasseg_frontal": "skin/fasseg_frontal/images", "fasseg_multipose": "skin/fasseg_multipose/images",
                   "ffhq": "ffhq"}
 SEVERITY_LABELS = {"0": "mild", "1": "moderate", "2": "severe", "3": "very_severe"}
@@ -61,7 +61,7 @@ class Photo:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m models.prepare_acne_data", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m models.classifier.prepare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data", type=Path, help="the shared data folder (holds acne/, faces/, skin/, ffhq/)")
     p.add_argument("--output", type=Path, required=True, help="folder to write the source folders into")

@@ -8,6 +8,7 @@ checkpoint's held-out photos can be found again from its config.
 """
 from __future__ import annotations
 
+import argparse
 import random
 import re
 from dataclasses import dataclass
@@ -83,11 +84,6 @@ def colour_label_to_regions(label_rgb: np.ndarray) -> np.ndarray:
     regions = np.asarray([r for _, r in FASSEG_COLOURS], np.uint8)
     dist = ((label_rgb.astype(np.int32)[:, :, None, :] - colours[None, None]) ** 2).sum(-1)
     return regions[dist.argmin(-1)]
-
-
-def colour_label_to_mask(label_rgb: np.ndarray) -> np.ndarray:
-    """FASSEG colour map -> 0/1 target (skin and nose)."""
-    return (colour_label_to_regions(label_rgb) == SKIN).astype(np.uint8)
 
 
 def read_classes(pair: Pair, shape: tuple[int, ...]) -> np.ndarray:
@@ -168,6 +164,14 @@ def group_ids(stems: Sequence[str]) -> list[str]:
             if short in long:
                 merged[long] = merged[short]
     return [merged[k] for k in keys]
+
+
+def add_folders_argument(p: argparse.ArgumentParser) -> None:
+    """The positional ``data`` folders, as both segmenter CLIs take them."""
+    p.add_argument("data", nargs="+", type=Path,
+                   help="data folders, each with images/ plus labels_celebamask19/ (CelebAMask-HQ class maps), "
+                        "labels/ (FASSEG colour label maps: skin and nose are target) or masks/ (binary, "
+                        "255 = skin); the layout is detected per folder")
 
 
 def discover(folder: Path | str) -> list[Pair]:
