@@ -1,10 +1,11 @@
 """The jobs' flags, each defined exactly once, in groups.
 
 A public ``add_*_flags`` function adds each group to a parser; both jobs list the groups
-they take, and ``job_parser`` builds their parser from those functions. Each group is also a
-Beam ``PipelineOptions`` subclass whose ``_add_argparse_args`` override (Beam's documented
-hook) delegates to the same function, so Beam knows the flags too. Anything that is not one of these flags is a Beam
-flag (``--runner``, ``--direct_num_workers``, ``--project``...) and goes to Beam untouched.
+they take, and ``job_parser`` builds their parser from those functions. ``AcneOptions`` is
+the same flags as one Beam ``PipelineOptions`` subclass (its ``_add_argparse_args`` override
+is Beam's documented hook), so Beam knows them too, e.g. for ``view_as(AcneOptions)``.
+Anything that is not one of these flags is a Beam flag (``--runner``, ``--direct_num_workers``,
+``--project``...) and goes to Beam untouched.
 """
 from __future__ import annotations
 
@@ -79,13 +80,6 @@ def add_input_flags(parser: argparse.ArgumentParser) -> None:
                         "lesion_count per patch.")
 
 
-class InputOptions(PipelineOptions):
-    """The input flags, as a Beam options group."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        add_input_flags(parser)
-
 
 def add_segment_flags(parser: argparse.ArgumentParser) -> None:
     """The skin segmenter and how it runs."""
@@ -102,13 +96,6 @@ def add_segment_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
                    help="Refuse images whose declared size exceeds this many pixels (decompression bombs).")
 
-
-class SegmentOptions(PipelineOptions):
-    """The segmentation flags, as a Beam options group."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        add_segment_flags(parser)
 
 
 def add_patch_flags(parser: argparse.ArgumentParser) -> None:
@@ -129,13 +116,6 @@ def add_patch_flags(parser: argparse.ArgumentParser) -> None:
                    help="Set the non-skin pixels of each patch to black.")
 
 
-class PatchOptions(PipelineOptions):
-    """The face and patch flags, as a Beam options group."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        add_patch_flags(parser)
-
 
 def add_encode_flags(parser: argparse.ArgumentParser) -> None:
     """How build_dataset stores patches."""
@@ -148,13 +128,6 @@ def add_encode_flags(parser: argparse.ArgumentParser) -> None:
                         "2-9 search for matches: up to 12%% smaller, 3-40x slower (default: %(default)s).")
 
 
-class EncodeOptions(PipelineOptions):
-    """The patch encoding flags, as a Beam options group."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        add_encode_flags(parser)
-
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
     """Where results go."""
@@ -162,13 +135,6 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output", default=None, metavar="URI", help="Output folder or URL (required).")
     g.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
 
-
-class OutputOptions(PipelineOptions):
-    """The output flags, as a Beam options group."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        add_output_flags(parser)
 
 
 def add_split_flags(parser: argparse.ArgumentParser) -> None:
@@ -181,13 +147,6 @@ def add_split_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split-fractions", default="0.8,0.1,0.1", metavar="T,V,T",
                    help="Train, validation and test fractions for --split hash (default: %(default)s).")
 
-
-class SplitOptions(PipelineOptions):
-    """The split flags, as a Beam options group."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        add_split_flags(parser)
 
 
 def add_score_flags(parser: argparse.ArgumentParser) -> None:
@@ -207,12 +166,20 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
                         "and more false alarms.")
 
 
-class ScoreOptions(PipelineOptions):
-    """The scoring flags, as a Beam options group."""
+
+ALL_FLAG_GROUPS: tuple[FlagGroup, ...] = (
+    add_input_flags, add_segment_flags, add_patch_flags, add_encode_flags, add_split_flags, add_score_flags,
+    add_output_flags,
+)
+
+
+class AcneOptions(PipelineOptions):
+    """Every job flag, as one Beam options group."""
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        add_score_flags(parser)
+        for add_flags in ALL_FLAG_GROUPS:
+            add_flags(parser)
 
 
 def job_parser(groups: Sequence[FlagGroup], prog: str, description: str) -> argparse.ArgumentParser:
