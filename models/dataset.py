@@ -130,7 +130,7 @@ def read_manifest(root: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise IncompleteDatasetError(
             f"{root} has no {MANIFEST}: the job that writes it has not finished (or was killed). "
-            "Rerun it with --overwrite."
+            "Rerun it with --resume to finish it, or with --overwrite to start again."
         ) from None
     if not manifest.get("accounting", {}).get("ok", False):
         raise IncompleteDatasetError(f"{root}/{MANIFEST} reports that its inputs do not add up: {manifest.get('accounting')}")

@@ -8,17 +8,18 @@ image ending as exactly one row of ``faces/``: kept, filtered (with a reason) or
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
 from models.dataset import PATCH_SCHEMA, PATCHES_DIR, SPLITS
-from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces
+from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start
 from pipelines.config import DatasetConfig
 from pipelines.options import (
     add_encode_flags, add_input_flags, add_output_flags, add_patch_flags, add_segment_flags, add_split_flags, parse,
 )
 from transforms.patches import CutPatches, EncodePatchRows, FilterFaces
+from transforms.records import KEPT
 from transforms.sink import WriteParquet
 from transforms.split import AssignSplit
 
@@ -37,6 +38,11 @@ OPTION_GROUPS = [
 ]
 
 
+def patch_rows_of(face: Mapping[str, Any]) -> int:
+    """The patch rows a face's faces/ row promises (what --resume checks before carrying it over)."""
+    return face["patch_count"] if face["status"] == KEPT else 0
+
+
 def build(p: beam.Pipeline, config: DatasetConfig, prepared: Prepared) -> JobOutputs:
     """Compose the job's stages on ``p``."""
     segmented, failures, inputs = segmented_faces(p, config, prepared)
@@ -52,7 +58,7 @@ def build(p: beam.Pipeline, config: DatasetConfig, prepared: Prepared) -> JobOut
     files = [
         part | f"Write{name.title()}Patches" >> WriteParquet(
             config.output, f"{PATCHES_DIR}/{name}", PATCH_SCHEMA,
-            rows_per_group=PATCH_ROWS_PER_GROUP, compression="none",
+            rows_per_group=PATCH_ROWS_PER_GROUP, compression="none", run=prepared.run.run,
         )
         for name, part in zip(SPLITS, by_split)
     ]
@@ -64,10 +70,11 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
     config = DatasetConfig.from_flags(flags)
     prepared = prepare(config, options)
-    p = pipeline or beam.Pipeline(options=options)
     checkpoints = {"segmenter": {"uri": config.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}
+    prepared = start(config, prepared, "build_dataset", checkpoints, {PATCHES_DIR: patch_rows_of})
+    p = pipeline or beam.Pipeline(options=options)
     tables = [f"{PATCHES_DIR}/{s}" for s in SPLITS]
-    finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared))
+    finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared), prepared.run)
     return complete(p.run(), config.output)
 
 

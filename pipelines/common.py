@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
@@ -34,6 +34,7 @@ from transforms.decode import DecodeImages
 from transforms.finish import Finish, WriteOutcomes, package_versions
 from transforms.plan import check_patterns
 from transforms.read import ReadImages
+from transforms.resume import RUN_FLAGS, Families, RunStart, start_run
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
 from transforms.sidefiles import InputError, load_ffhq_metadata, load_labels
 from transforms.sink import OutputError, prepare_output
@@ -70,6 +71,7 @@ class Prepared:
     ffhq_meta: Optional[dict[str, Any]]
     segmenter_sha256: str
     classifier_sha256: Optional[str] = None
+    run: RunStart = RunStart(run=1)
 
 
 def workers_run_here(options: Optional[PipelineOptions]) -> bool:
@@ -98,13 +100,31 @@ def prepare(config: JobConfig, options: Optional[PipelineOptions] = None) -> Pre
         files = check_patterns(config.input)
         labels = load_labels(config.labels_csv, config.id_column, config.label_column) if config.labels_csv else None
         ffhq = load_ffhq_metadata(config.ffhq_metadata) if config.ffhq_metadata else None
-        prepare_output(config.output, config.overwrite)
+        prepare_output(config.output, config.overwrite, config.resume)
     except CONFIG_ERRORS as exc:
         raise JobConfigError(str(exc)) from exc
     log.info(
         "found %d input file(s); segmenter %s (sha256 %s)", files, config.segmenter_checkpoint, segmenter.sha256[:12]
     )
     return Prepared(labels, ffhq, segmenter.sha256, classifier.sha256 if classifier else None)
+
+
+def start(
+    config: JobConfig, prepared: Prepared, job: str, checkpoints: dict[str, dict[str, Any]], families: Families
+) -> Prepared:
+    """Record this run in the output before any work; on ``--resume``, carry the earlier runs' finished images."""
+    record = {
+        "job": job,
+        "arguments": {k: v for k, v in config.arguments().items() if k not in RUN_FLAGS},
+        "checkpoints": {name: c["sha256"] for name, c in checkpoints.items()},
+    }
+    try:
+        run = start_run(config.output, json.loads(json.dumps(record)), config.resume, families)
+    except OutputError as exc:
+        raise JobConfigError(str(exc)) from exc
+    if run.run > 1:
+        log.info("run %d: %d images carried over from earlier runs", run.run, run.carried_images)
+    return replace(prepared, run=run)
 
 
 class JobOutputs(NamedTuple):
@@ -120,7 +140,7 @@ def segmented_faces(
 ) -> tuple[beam.PCollection, list[beam.PCollection], beam.PCollection]:
     """Read -> Decode -> Segment: the segmented records, the failure outcomes so far, the input count."""
     records, read_failed, inputs = p | "Read" >> ReadImages(
-        config.input, prepared.labels, prepared.ffhq_meta, config.voc_annotations
+        config.input, prepared.labels, prepared.ffhq_meta, config.voc_annotations, prepared.run.done_list
     )
     decoded, decode_failed = records | "Decode" >> DecodeImages(config.max_pixels, config.patch_size)
     handler = SkinSegmenterHandler(config.segmenter_checkpoint, config.device, config.batch_size, config.torch_threads)
@@ -135,10 +155,11 @@ def finish_job(
     checkpoints: dict[str, Any],
     tables: list[str],
     outputs: JobOutputs,
+    run: RunStart,
 ) -> None:
     """Append the last steps: write every outcome, then the checked manifest."""
     outcomes = outputs.outcomes | "AllOutcomes" >> beam.Flatten()
-    outcome_files = outcomes | "WriteOutcomes" >> WriteOutcomes(config.output)
+    outcome_files = outcomes | "WriteOutcomes" >> WriteOutcomes(config.output, run.run)
     files = (*outputs.files, outcome_files) | "CommittedFiles" >> beam.Flatten()
     base = {
         "job": job,
@@ -147,7 +168,7 @@ def finish_job(
         "versions": package_versions(),
         "checkpoints": checkpoints,
     }
-    (outputs.inputs, outcomes, files) | "Finish" >> Finish(config.output, base, tables, config.min_face_skin)
+    (outputs.inputs, outcomes, files) | "Finish" >> Finish(config.output, base, tables, config.min_face_skin, run)
 
 
 def complete(result: Any, output: str) -> dict[str, Any]:
@@ -202,6 +223,10 @@ def print_summary(manifest: dict[str, Any], output: str) -> None:
         f"  inputs {books['inputs']}: kept {books['kept']}, filtered {books['filtered']}, failed {books['failed']}"
         + ("" if books["ok"] else "  <-- DOES NOT ADD UP"),
     ]
+    if len(manifest["runs"]) > 1:
+        latest = manifest["runs"][-1]
+        lines.append(f"  run {latest['run']}: {latest['carried_images']} images carried over from earlier runs, "
+                     f"{sum(latest['processed'][s] for s in ('kept', 'filtered', 'failed'))} processed now")
     lines += [f"  {table}: {n} rows" for table, n in manifest["rows"].items() if table not in (FACES_DIR, ERRORS_DIR)]
     if manifest["job"] == "score":
         verdicts = Counter(read_parquet_dir(join(output, SCORES_DIR), SCORE_SCHEMA, ["verdict"]).column(0).to_pylist())

@@ -49,6 +49,7 @@ class JobConfig:
     blackout_background: bool
     output: str
     overwrite: bool
+    resume: bool
 
     @classmethod
     def _of_flags(
@@ -56,6 +57,8 @@ class JobConfig:
         **parsed: Any,
     ) -> C:
         """The config of ``flags``: unset tiling flags take the job's values, ``parsed`` replaces raw text."""
+        if flags.resume and flags.overwrite:
+            raise JobConfigError("--resume keeps what an earlier run wrote and --overwrite deletes it: pass one of them")
         size = patch_size if flags.patch_size is None else flags.patch_size
         resolved = {
             "input": tuple(flags.input),

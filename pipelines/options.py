@@ -134,6 +134,11 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="URI", help="Output folder or URL (required).")
     g.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
+    g.add_argument("--resume", action="store_true",
+                   help="Rerun a killed, failed or finished job on the same --output with the same arguments: "
+                        "keep every image an earlier run finished, process the rest (and any input files added "
+                        "since), and end with one manifest over all of them. Refused if the arguments or "
+                        "checkpoints differ from the first run's.")
 
 
 

@@ -12,12 +12,14 @@ failures go to ``errors/``.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
 from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR, read_manifest
-from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces
+from pipelines.common import (
+    JobConfigError, JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start,
+)
 from pipelines.config import ScoreConfig
 from pipelines.options import (
     add_input_flags, add_output_flags, add_patch_flags, add_score_flags, add_segment_flags, parse,
@@ -25,6 +27,7 @@ from pipelines.options import (
 from transforms.classify import AcneClassifierHandler, ClassifyFaces, patch_rows, score_row, scored_outcome, unscored_row
 from transforms.patches import CutPatches, FilterFaces
 from transforms.read_patches import ReadPatchDataset, is_patch_dataset
+from transforms.records import FILTERED, KEPT
 from transforms.sink import WriteParquet
 
 DESCRIPTION = """\
@@ -37,6 +40,16 @@ OUTPUT/errors/, every input's fate to OUTPUT/faces/, and manifest.json comes las
 
 PROG = "python -m pipelines.score"
 OPTION_GROUPS = [add_input_flags, add_segment_flags, add_patch_flags, add_score_flags, add_output_flags]
+
+
+def score_rows_of(face: Mapping[str, Any]) -> int:
+    """A scored or skin-less face has one scores/ row (what --resume checks before carrying it over)."""
+    return int(face["status"] in (KEPT, FILTERED))
+
+
+def patch_score_rows_of(face: Mapping[str, Any]) -> int:
+    """A scored face has one patch_scores/ row per patch."""
+    return face["patch_count"] if face["status"] == KEPT else 0
 
 
 def build(
@@ -64,10 +77,11 @@ def build(
         scored | "ScoreRows" >> beam.Map(score_row, config.top_patches, *hashes),
         skinless | "SkinlessRows" >> beam.Map(unscored_row, *hashes),
     ) | "AllScoreRows" >> beam.Flatten()
-    files = [rows | "WriteScores" >> WriteParquet(config.output, SCORES_DIR, SCORE_SCHEMA)]
+    run = prepared.run.run
+    files = [rows | "WriteScores" >> WriteParquet(config.output, SCORES_DIR, SCORE_SCHEMA, run=run)]
     if config.patch_table:
         files.append(scored | "PatchRows" >> beam.FlatMap(patch_rows) | "WritePatchScores" >> WriteParquet(
-            config.output, PATCH_SCORES_DIR, PATCH_SCORE_SCHEMA
+            config.output, PATCH_SCORES_DIR, PATCH_SCORE_SCHEMA, run=run
         ))
     scored_outcomes = scored | "ScoredOutcomes" >> beam.Map(scored_outcome)
     return JobOutputs(inputs, [*failures, skinless, classify_failed, scored_outcomes], files)
@@ -84,14 +98,18 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
     flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
     config = ScoreConfig.from_flags(flags)
+    if config.resume and is_patch_dataset(config.input[0]):
+        raise JobConfigError("--resume does not apply to rescoring a patch dataset: rerun it with --overwrite")
     prepared = prepare(config, options)
-    p = pipeline or beam.Pipeline(options=options)
     checkpoints = {
         "segmenter": segmenter_of(config, prepared),
         "classifier": {"uri": config.classifier_checkpoint, "sha256": prepared.classifier_sha256},
     }
+    families = {SCORES_DIR: score_rows_of, **({PATCH_SCORES_DIR: patch_score_rows_of} if config.patch_table else {})}
+    prepared = start(config, prepared, "score", checkpoints, families)
+    p = pipeline or beam.Pipeline(options=options)
     tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if config.patch_table else [])
-    finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints))
+    finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints), prepared.run)
     return complete(p.run(), config.output)
 
 

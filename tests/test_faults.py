@@ -210,7 +210,7 @@ def test_killed_job_never_looks_complete_and_a_rerun_repairs_it(checkpoints: tup
         job.stderr.close()
 
     assert not (output / "manifest.json").exists()
-    with pytest.raises(IncompleteDatasetError, match="Rerun it with --overwrite"):
+    with pytest.raises(IncompleteDatasetError, match="Rerun it with --resume"):
         read_patches(str(output))
     with pytest.raises(IncompleteDatasetError):
         read_manifest(str(output))

@@ -19,6 +19,7 @@ from apache_beam.metrics import Metrics
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, OUTCOME_SCHEMA, join, write_manifest
 from transforms.records import FAILED, FILTERED, KEPT, Outcome
 from transforms.report import write_report
+from transforms.resume import RunStart
 from transforms.sink import TEMP_DIR, WriteParquet
 from transforms.storage import filesystem, remove
 
@@ -70,20 +71,20 @@ class CountOutcomes(beam.DoFn):
 class WriteOutcomes(beam.PTransform):
     """Outcomes -> ``faces/`` (every input) and ``errors/`` (the failed ones), counted once each."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, run: int = 1):
         super().__init__()
-        self._root = root
+        self._root, self._run = root, run
 
     def expand(self, outcomes: beam.PCollection) -> beam.PCollection:
         counted = outcomes | "Count" >> beam.ParDo(CountOutcomes())
         faces = counted | "FaceRows" >> beam.Map(outcome_row) | "WriteFaces" >> WriteParquet(
-            self._root, FACES_DIR, OUTCOME_SCHEMA
+            self._root, FACES_DIR, OUTCOME_SCHEMA, run=self._run
         )
         errors = (
             counted
             | "OnlyFailed" >> beam.Filter(lambda o: o.status == FAILED)
             | "ErrorRows" >> beam.Map(error_row)
-            | "WriteErrors" >> WriteParquet(self._root, ERRORS_DIR, ERROR_SCHEMA)
+            | "WriteErrors" >> WriteParquet(self._root, ERRORS_DIR, ERROR_SCHEMA, run=self._run)
         )
         return (faces, errors) | "OutcomeFiles" >> beam.Flatten()
 
@@ -154,17 +155,28 @@ def finish(root: str, manifest: dict[str, Any]) -> None:
 
 def _write_manifest(
     _: None, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float, launched_at: float,
-    inputs: int, tally: Mapping[str, int], committed: Sequence[Sequence[str]],
+    start: RunStart, inputs: int, tally: Mapping[str, int], committed: Sequence[Sequence[str]],
 ) -> dict[str, Any]:
     rows = row_counts(root, [FACES_DIR, ERRORS_DIR, *tables])
-    books = accounting(inputs, tally, rows[FACES_DIR])
+    # Images an earlier run finished were skipped here; the books cover every input of every run.
+    books = accounting(inputs, {k: tally.get(k, 0) + start.carried.get(k, 0) for k in tally}, rows[FACES_DIR])
     elapsed = time.time() - launched_at
+    processed = sum(tally[s] for s in (KEPT, FILTERED, FAILED))
+    this_run = {
+        "run": start.run,
+        "finished": True,
+        "seconds": round(elapsed, 2),
+        "carried_images": start.carried_images,
+        "processed": dict(tally),
+        "files": sorted(f[len(root.rstrip("/")) + 1 :] for files in committed for f in files),
+    }
     manifest = {
         **base,
         "accounting": books,
         "rows": rows,
         "files": sum(len(files) for files in committed),
-        "run": {"seconds": round(elapsed, 2), "images_per_second": round(inputs / max(elapsed, 1e-9), 3)},
+        "run": {"seconds": round(elapsed, 2), "images_per_second": round(processed / max(elapsed, 1e-9), 3)},
+        "runs": [*start.runs, this_run],
         "report": write_report(root, base["job"], min_face_skin),
     }
     finish(root, manifest)
@@ -174,9 +186,10 @@ def _write_manifest(
 class Finish(beam.PTransform):
     """(input count, outcomes, committed file lists) -> the manifest, written once everything else is."""
 
-    def __init__(self, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float):
+    def __init__(self, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float,
+                 start: RunStart = RunStart(run=1)):
         super().__init__()
-        self._args = (root, dict(base), list(tables), min_face_skin, time.time())
+        self._args = (root, dict(base), list(tables), min_face_skin, time.time(), start)
 
     def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection, beam.PCollection]) -> beam.PCollection:
         inputs, outcomes, committed = pcolls

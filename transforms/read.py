@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zipfile
 from collections import OrderedDict
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 from xml.etree import ElementTree
 
 import apache_beam as beam
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from transforms.plan import STAGE, PlanShards, input_files
 from transforms.records import ImageRecord, ImageRef, Outcome
+from transforms.resume import SkipDone
 from transforms.sidefiles import voc_boxes
 from transforms.storage import open_exact, read_bytes, read_range, with_retries
 
@@ -187,9 +188,11 @@ class ReadImages(beam.PTransform):
         labels: Mapping[str, str] | None = None,
         ffhq_meta: Mapping[str, Any] | None = None,
         voc_annotations: bool = False,
+        done_list: Optional[str] = None,
     ):
         super().__init__()
         self._patterns = list(patterns)
+        self._done_list = done_list
         self._read = ReadBytes(labels, ffhq_meta, voc_annotations)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection]:
@@ -206,7 +209,12 @@ class ReadImages(beam.PTransform):
             | "GroupById" >> beam.GroupByKey()
             | "DropDuplicates" >> beam.FlatMapTuple(pick_unique).with_outputs("outcome", main="refs")
         )
-        by_kind = unique.refs | "ByKind" >> beam.Partition(lambda ref, n: int(ref.kind == "parquet"), 2)
+        refs, outcomes = unique.refs, (planned.outcome, unique.outcome)
+        if self._done_list:
+            # After the duplicates are settled, so that a resumed run keeps the same image of each id.
+            refs = refs | "SkipDone" >> beam.ParDo(SkipDone(self._done_list))
+            outcomes = tuple(o | f"SkipDone{i}" >> beam.ParDo(SkipDone(self._done_list)) for i, o in enumerate(outcomes))
+        by_kind = refs | "ByKind" >> beam.Partition(lambda ref, n: int(ref.kind == "parquet"), 2)
         row_groups = (
             by_kind[1]
             | "KeyByRowGroup" >> beam.Map(lambda ref: (_read_unit(ref), ref))
@@ -216,7 +224,7 @@ class ReadImages(beam.PTransform):
         # (the DirectRunner always does), and records carry every image's bytes.
         units = (by_kind[0], row_groups) | "ReadUnits" >> beam.Flatten()
         read = units | "ReadFiles" >> beam.ParDo(self._read).with_outputs("outcome", main="records")
-        failed = (planned.outcome, unique.outcome, read.outcome) | "ReadFailures" >> beam.Flatten()
+        failed = (*outcomes, read.outcome) | "ReadFailures" >> beam.Flatten()
         inputs = (
             (planned.refs | "CountRefs" >> beam.combiners.Count.Globally(),
              planned.outcome | "CountUnplannable" >> beam.combiners.Count.Globally())

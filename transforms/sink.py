@@ -23,15 +23,20 @@ class OutputError(ValueError):
     """The output location cannot be used as asked; raised before any work."""
 
 
-def prepare_output(root: str, overwrite: bool) -> None:
-    """Refuse a non-empty output unless ``overwrite``; then clear it, manifest first."""
+def prepare_output(root: str, overwrite: bool, resume: bool = False) -> None:
+    """Refuse a non-empty output unless ``overwrite`` (clear it, manifest first) or ``resume`` (keep it)."""
     try:
         refusal = bucket_refusal(root, "output")
         if refusal:
             raise OutputError(refusal)
         existing = has_entries(root)
+        if existing and resume:
+            return
         if existing and not overwrite:
-            raise OutputError(f"output {root} is not empty: pass --overwrite to replace it, or choose another --output")
+            raise OutputError(
+                f"output {root} is not empty: pass --resume to finish or extend the run that wrote it, --overwrite "
+                "to replace it, or choose another --output"
+            )
         if existing:
             # The manifest goes first: a rerun killed halfway must never look complete.
             remove(join(root, MANIFEST))
@@ -96,30 +101,31 @@ class _WriteBundles(beam.DoFn):
             yield GlobalWindows.windowed_value(self._sink.path)
 
 
-def _commit(temp_paths: Sequence[str], root: str, subdir: str) -> list[str]:
-    """Rename the committed temporary files to ``part-XXXXX-of-YYYYY.parquet``."""
+def _commit(temp_paths: Sequence[str], root: str, subdir: str, run: int) -> list[str]:
+    """Rename the committed temporary files to ``part-rRR-XXXXX-of-YYYYY.parquet``: run RR's files."""
     makedirs(join(root, subdir))
     final = []
     for i, temp in enumerate(sorted(temp_paths)):
-        target = join(root, subdir, f"part-{i:05d}-of-{len(temp_paths):05d}.parquet")
+        target = join(root, subdir, f"part-r{run:02d}-{i:05d}-of-{len(temp_paths):05d}.parquet")
         move(temp, target)
         final.append(target)
     return final
 
 
 class WriteParquet(beam.PTransform):
-    """Dict rows -> Parquet files under ``root/subdir`` with ``schema``."""
+    """Dict rows -> Parquet files under ``root/subdir`` with ``schema``, named for the ``run`` that wrote them."""
 
-    def __init__(self, root: str, subdir: str, schema: pa.Schema, rows_per_group: int = 256, compression: str = "zstd"):
+    def __init__(self, root: str, subdir: str, schema: pa.Schema, rows_per_group: int = 256, compression: str = "zstd",
+                 run: int = 1):
         super().__init__()
-        self._root, self._subdir = root, subdir
+        self._root, self._subdir, self._run = root, subdir, run
         self._fn = _WriteBundles(root, subdir, schema, rows_per_group, compression)
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
-        root, subdir = self._root, self._subdir
+        root, subdir, run = self._root, self._subdir, self._run
         return (
             rows
             | "WriteBundles" >> beam.ParDo(self._fn)
             | "CollectFiles" >> beam.combiners.ToList()
-            | "Commit" >> beam.Map(_commit, root, subdir)
+            | "Commit" >> beam.Map(_commit, root, subdir, run)
         )
