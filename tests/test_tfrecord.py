@@ -3,7 +3,6 @@ checksummed reads, raw CHW pixels that skip decoding, and every broken record a 
 from __future__ import annotations
 
 import io
-import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +16,7 @@ from PIL import Image
 from models.dataset import FACES_DIR, read_patches, read_table
 from pipelines.build_dataset import run
 from tests.images import random_rgb
+from tests.tfrecords import example, face, frame, shard
 from tests.test_storage import CountingStore, _put, store  # noqa: F401  (store is a fixture)
 from transforms.decode import DecodeError, DecodeImages, ImageTooLarge, raw_image
 from transforms.plan import plan_shard
@@ -27,54 +27,7 @@ from transforms.tfrecord import TFRecordError, masked_crc32c, parse_example
 SIDE = 64
 
 
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    return bytes(out + bytes([n]))
-
-
-def _message(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _feature(values: list[bytes] | list[int] | list[float], packed: bool) -> bytes:
-    if values and isinstance(values[0], bytes):
-        return _message(1, b"".join(_message(1, v) for v in values))
-    if values and isinstance(values[0], float):
-        return _message(2, _message(1, struct.pack(f"<{len(values)}f", *values)))
-    if packed:
-        return _message(3, _message(1, b"".join(_varint(v) for v in values)))
-    return _message(3, b"".join(_varint(1 << 3) + _varint(v) for v in values))
-
-
-def example(features: dict[str, list], packed: bool = True) -> bytes:
-    """A serialized tf.train.Example, encoded by hand."""
-    entries = b"".join(
-        _message(1, _message(1, name.encode()) + _message(2, _feature(values, packed)))
-        for name, values in features.items()
-    )
-    return _message(1, entries)
-
-
-def face(pixels: np.ndarray, shape: list[int] | None = None) -> bytes:
-    """StyleGAN's record for an HxWx3 face: CHW pixels and their shape."""
-    chw = pixels.transpose(2, 0, 1)
-    return example({"shape": shape or list(chw.shape), "data": [chw.tobytes()]})
-
-
-def frame(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
-
-
 FACES = [random_rgb(SIDE, SIDE, seed=i) for i in range(3)] + [random_rgb(72, 80, seed=3)]
-
-
-def shard(records: list[bytes]) -> bytes:
-    return b"".join(frame(r) for r in records)
 
 
 def test_the_checksum_is_crc32c_masked_as_tensorflow_masks_it() -> None:
