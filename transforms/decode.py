@@ -2,7 +2,8 @@
 
 The header is probed first (cheap, no pixels) so a decompression bomb is refused before
 any memory is spent. OpenCV then decodes once, straight to RGB, applying EXIF orientation
-and folding grayscale, alpha, 16-bit and CMYK inputs to 8-bit RGB.
+and folding grayscale, alpha, 16-bit and CMYK inputs to 8-bit RGB. Raw CHW pixels (a
+TFRecord's) skip decoding: their declared shape gets the same size checks, then a transpose.
 """
 from __future__ import annotations
 
@@ -36,6 +37,19 @@ class ImageTooSmall(DecodeError):
     """The image cannot hold a single patch."""
 
 
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"declared size {width}x{height} = {width * height:,} pixels is over the limit of "
+            f"{max_pixels:,} (--max-pixels)"
+        )
+
+
+def _check_patch_fits(width: int, height: int, min_size: int) -> None:
+    if min(width, height) < min_size:
+        raise ImageTooSmall(f"image is {width}x{height}, smaller than one {min_size}x{min_size} patch")
+
+
 def probe(data: bytes, max_pixels: int) -> tuple[str, str, int, int]:
     """Return (format, mode, width, height) from the header alone, refusing oversized images."""
     if not data:
@@ -52,11 +66,7 @@ def probe(data: bytes, max_pixels: int) -> tuple[str, str, int, int]:
         raise DecodeError(f"not a recognised image format ({len(data)} bytes, starting {data[:8]!r})") from None
     except Exception as exc:
         raise DecodeError(f"not a recognised image ({len(data)} bytes): {exc}") from None
-    if width * height > max_pixels:
-        raise ImageTooLarge(
-            f"declared size {width}x{height} = {width * height:,} pixels is over the limit of "
-            f"{max_pixels:,} (--max-pixels)"
-        )
+    _check_size(width, height, max_pixels)
     return fmt, mode, width, height
 
 
@@ -72,11 +82,28 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: in
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
     if pixels is None:
         raise DecodeError(f"{fmt} {mode} {width}x{height} image could not be decoded: truncated or corrupt data")
-    if min(pixels.shape[:2]) < min_size:
-        raise ImageTooSmall(
-            f"image is {pixels.shape[1]}x{pixels.shape[0]}, smaller than one {min_size}x{min_size} patch"
-        )
+    _check_patch_fits(pixels.shape[1], pixels.shape[0], min_size)
     return pixels
+
+
+def raw_image(
+    data: bytes, shape: tuple[int, ...], max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1
+) -> np.ndarray:
+    """Raw uint8 pixels of CHW ``shape`` -> HxWx3 RGB uint8. Raises ``DecodeError`` with a reason.
+
+    The shape is checked against the limits before the HWC copy is allocated.
+    """
+    if len(shape) != 3 or shape[0] != 3 or min(shape) < 1:
+        raise DecodeError(f"raw pixels of shape {list(shape)}: expected [3, height, width] (RGB, channels first)")
+    _, height, width = shape
+    _check_size(width, height, max_pixels)
+    if len(data) != 3 * height * width:
+        raise DecodeError(
+            f"raw pixels of shape [3, {height}, {width}] need {3 * height * width:,} bytes; the record holds {len(data):,}"
+        )
+    _check_patch_fits(width, height, min_size)
+    # cv2.merge interleaves the planes about 100x faster than numpy's strided transpose copy.
+    return cv2.merge(tuple(np.frombuffer(data, np.uint8).reshape(shape)))
 
 
 def decode_record(
@@ -84,11 +111,14 @@ def decode_record(
 ) -> ImageRecord | Outcome:
     """The record with its pixels in place of its bytes; a failed Outcome with the reason otherwise."""
     try:
-        pixels = decode_image(record.data or b"", max_pixels, min_size)
+        if record.raw_shape is None:
+            pixels = decode_image(record.data or b"", max_pixels, min_size)
+        else:
+            pixels = raw_image(record.data or b"", record.raw_shape, max_pixels, min_size)
     except Exception as exc:
         return Outcome.failed(record.image_id, record.source_uri, STAGE, exc)
     # The encoded bytes are no longer needed; dropping them halves what each record holds.
-    return replace(record, data=None, pixels=pixels)
+    return replace(record, data=None, raw_shape=None, pixels=pixels)
 
 
 class DecodeImages(WithOutcomes):

@@ -1,6 +1,6 @@
 """Plan: input patterns -> shard files -> one small ``ImageRef`` per image, without reading image bytes.
 
-Each loose file, tar member, zip member or Parquet row becomes a ref. A shard that cannot be
+Each loose file, tar member, zip member, Parquet row or TFRecord record becomes a ref. A shard that cannot be
 planned, or a part of it, becomes a failed ``Outcome`` instead of vanishing.
 """
 from __future__ import annotations
@@ -18,9 +18,10 @@ from apache_beam.metrics import Metrics
 from transforms.records import ImageRef, Outcome
 from transforms.sidefiles import InputError, image_id_from_name
 from transforms.storage import bucket_refusal, expand_pattern, open_exact, with_retries
+from transforms.tfrecord import TFRecordError, record_spans
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
-SHARD_KINDS = {".tar": "tar", ".zip": "zip", ".parquet": "parquet"}
+SHARD_KINDS = {".tar": "tar", ".zip": "zip", ".parquet": "parquet", ".tfrecords": "tfrecord", ".tfrecord": "tfrecord"}
 ID_COLUMNS = ("image_id", "id", "key", "__key__")
 STAGE = "read"
 NAMESPACE = "acne"
@@ -90,12 +91,13 @@ def plan_shard(uri: str, attempts: int = 3, base_delay: float = 0.2) -> Iterator
     if kind == "unsupported":
         yield Outcome.failed(
             image_id_from_name(uri), uri, STAGE,
-            f"unsupported file type {_ext(uri) or '(none)'}: expected an image, .tar, .zip or .parquet",
+            f"unsupported file type {_ext(uri) or '(none)'}: expected an image, .tar, .zip, .parquet or .tfrecords",
         )
         return
     try:
         with with_retries(lambda: open_exact(uri), attempts, base_delay, uri) as f:
-            yield from {"tar": _plan_tar, "zip": _plan_zip, "parquet": _plan_parquet}[kind](uri, f)
+            planner = {"tar": _plan_tar, "zip": _plan_zip, "parquet": _plan_parquet, "tfrecord": _plan_tfrecord}[kind]
+            yield from planner(uri, f)
     except Exception as exc:
         yield Outcome.failed(image_id_from_name(uri), uri, STAGE, exc)
 
@@ -132,6 +134,20 @@ def _plan_zip(uri: str, f: Any) -> Iterator[ImageRef]:
         for info in archive.infolist():
             if not info.is_dir() and _ext(info.filename) in IMAGE_EXTENSIONS:
                 yield ImageRef(image_id_from_name(info.filename), uri, "zip", info.filename)
+
+
+def _plan_tfrecord(uri: str, f: Any) -> Iterator[ImageRef | Outcome]:
+    # Record i is FFHQ image i: StyleGAN wrote the faces in id order.
+    planned = 0
+    try:
+        for offset, size in record_spans(f, f.seek(0, 2)):
+            yield ImageRef(f"{planned:05d}", uri, "tfrecord", offset=offset, size=size, row=planned)
+            planned += 1
+    except TFRecordError as exc:
+        yield Outcome.failed(
+            f"{planned:05d}", f"{uri}#record{planned}", STAGE,
+            f"{exc}: record {planned} and any after it could not be read",
+        )
 
 
 def image_column(schema: Any) -> str:

@@ -22,11 +22,13 @@ from transforms.records import ImageRecord, ImageRef, Outcome
 from transforms.resume import SkipDone
 from transforms.sidefiles import voc_boxes
 from transforms.storage import open_exact, read_bytes, read_range, with_retries
+from transforms.tfrecord import example_pixels, unframe
 
 
 class _ShardReader:
-    """Reads image bytes for refs: loose images and tar members by exact byte range, zip members
-    and Parquet row groups through a few unbuffered shard handles kept open between calls.
+    """Reads image bytes for refs: loose images, tar members and TFRecord records by exact byte
+    range, zip members and Parquet row groups through a few unbuffered shard handles kept open
+    between calls.
 
     Each read is retried on transient errors, on a freshly opened handle.
     """
@@ -73,8 +75,9 @@ class _ShardReader:
             return self._handle(ref.shard_uri, "zip").read(ref.member)
         data = read_range(ref.shard_uri, ref.offset, ref.size)
         if len(data) != ref.size:
-            raise EOFError(f"tar member {ref.member} is truncated: {len(data)} of {ref.size} bytes present")
-        return data
+            what = f"record {ref.row}" if ref.kind == "tfrecord" else f"tar member {ref.member}"
+            raise EOFError(f"{what} is truncated: {len(data)} of {ref.size} bytes present")
+        return unframe(data, ref.offset) if ref.kind == "tfrecord" else data
 
     def read_row_group(self, refs: Sequence[ImageRef]) -> Iterator[tuple[ImageRef, bytes | None]]:
         first = refs[0]
@@ -159,6 +162,12 @@ class ReadBytes(beam.DoFn):
                 meta["lesions"] = voc_boxes(ref.shard_uri)
             except ElementTree.ParseError as exc:
                 return Outcome.failed(ref.image_id, ref.source_uri, STAGE, f"unreadable VOC annotation: {exc}")
+        shape = None
+        if ref.kind == "tfrecord":
+            try:
+                data, shape = example_pixels(data or b"")
+            except ValueError as exc:
+                return Outcome.failed(ref.image_id, ref.source_uri, STAGE, exc)
         label = None
         if self._labels is not None:
             label = self._labels.get(ref.image_id)
@@ -166,7 +175,7 @@ class ReadBytes(beam.DoFn):
                 return Outcome.failed(
                     ref.image_id, ref.source_uri, "label", f"no label for image id {ref.image_id!r} in --labels-csv"
                 )
-        return ImageRecord(ref.image_id, ref.source_uri, data=data or b"", label=label, meta=meta)
+        return ImageRecord(ref.image_id, ref.source_uri, data=data or b"", label=label, meta=meta, raw_shape=shape)
 
 
 def _read_unit(ref: ImageRef) -> tuple[str, int]:

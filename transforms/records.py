@@ -27,8 +27,9 @@ FAILED = "failed"
 class ImageRef:
     """Where one image lives, before any of its bytes are read.
 
-    ``member`` is the tar member offset/size or zip member name; ``row_group``/``row`` locate a
-    Parquet row. Refs are small, so the job shuffles refs rather than image bytes.
+    ``member`` is the tar or zip member name; ``offset``/``size`` the byte range of a tar member's
+    data or of a whole framed TFRecord record; ``row_group``/``row`` locate a Parquet row (``row``
+    is also a TFRecord record's index). Refs are small, so the job shuffles refs rather than image bytes.
     """
 
     image_id: str
@@ -46,6 +47,8 @@ class ImageRef:
             return f"{self.shard_uri}#{self.member}"
         if self.kind == "parquet":
             return f"{self.shard_uri}#rg{self.row_group}/row{self.row}"
+        if self.kind == "tfrecord":
+            return f"{self.shard_uri}#record{self.row}"
         return self.shard_uri
 
 
@@ -63,7 +66,11 @@ class Patch:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image on its way through the stages."""
+    """One image on its way through the stages.
+
+    ``data`` is an encoded image, or raw uint8 pixels when ``raw_shape`` gives their CHW shape
+    (a TFRecord's pixels, which need no decoding).
+    """
 
     image_id: str
     source_uri: str
@@ -75,6 +82,7 @@ class ImageRecord:
     skin_fraction: Optional[float] = None
     split: Optional[str] = None
     patches: Optional[tuple[Patch, ...]] = None
+    raw_shape: Optional[tuple[int, ...]] = None
 
 
 @dataclass(frozen=True)
