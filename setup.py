@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "pyarrow==25.0.1",
     "fsspec==2026.9.0",
     "gcsfs==2026.10.1",
+    "google-crc32c==1.9.0",  # TFRecord checksums (already a dependency of gcsfs)
     "s3fs==2026.9.0",
     "opencv-python-headless==5.0.0.93",
     "pillow==12.3.0",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Iterator
 
-from apache_beam.io.tfrecordio import _TFRecordUtil
+import google_crc32c
 
 HEADER = 12
 FOOTER = 4
@@ -26,9 +26,14 @@ class TFRecordError(ValueError):
     """The framing or the Example of a record is broken."""
 
 
+# TFRecord rotates and offsets the CRC, so that a CRC of data holding CRCs is not itself a CRC.
+_MASK_DELTA = 0xA282EAD8
+
+
 def masked_crc32c(data: bytes) -> int:
-    """TFRecord's checksum, with Beam's crc32c (the fastest one installed)."""
-    return _TFRecordUtil._masked_crc32c(data)
+    """TFRecord's checksum: crc32c (google-crc32c's C build, a gcsfs dependency), masked."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
 def record_spans(f: Any, size: int) -> Iterator[tuple[int, int]]:
