@@ -1,9 +1,9 @@
 """The floor: each job's work as a plain single-process Python loop, with no Beam.
 
 It is the loop a user could write by hand from the project's own functions: read the
-bytes, ``decode_record``, the segmenter's ``preprocess`` / network / ``masks_from_probs``
-(that is ``predict_masks``, split so each stage can be timed), then the jobs' own
-per-record steps (``filter_face``, ``assign_split``, ``patch_face``, ``encode_patches``)
+bytes, ``assign_split`` (build), ``decode_record``, the segmenter's ``preprocess`` / network /
+``masks_from_probs`` (that is ``predict_masks``, split so each stage can be timed), then the
+jobs' own per-record steps (``filter_face``, ``patch_face``, ``encode_patches``)
 and pyarrow (build_dataset) or the classifier, ``judge_faces``, ``score_row`` and
 ``scored_outcome`` (score). The stages' functions are the ones the Beam DoFns call, so the
 loop cannot drift from the job. It takes the jobs' own flags with the jobs' own defaults,
@@ -110,13 +110,13 @@ def run_steps(record: ImageRecord, steps: Sequence[Step]) -> ImageRecord | Outco
 class Loop:
     """What both loops share: files in, decoded batches, masks, faces filtered and tiled."""
 
-    def __init__(self, args: JobConfig, clock: StageClock, *between: Step):
-        """``between`` are the job's steps between filtering faces and cutting patches."""
+    def __init__(self, args: JobConfig, clock: StageClock, *after_read: Step):
+        """``after_read`` are the job's steps between reading an image and decoding it."""
         self.args, self.clock = args, clock
         self.segmenter = Segmenter.load(args.segmenter_checkpoint, args.device)
+        self.after_read = after_read
         self.steps = (
             partial(filter_face, min_face_skin=args.min_face_skin),
-            *between,
             partial(patch_face, size=args.patch_size, stride=args.stride, min_skin=args.min_patch_skin,
                     blackout=args.blackout_background),
         )
@@ -132,13 +132,16 @@ class Loop:
             self.faces.add([outcome_row(outcome)])
 
     def faces_with_patches(self) -> Iterator[ImageRecord | Outcome]:
-        """Decode, segment in batches of --batch-size, filter, tile: faces with patches, or why not."""
+        """Read, split, decode, segment in batches of --batch-size, filter, tile: faces with patches, or why not."""
         batch: list[ImageRecord] = []
         for path in image_files(self.args.input):
             self.counts["inputs"] += 1
             with self.clock("read"):
                 with open(path, "rb") as f:
-                    record = ImageRecord(image_id_from_name(path), path, data=f.read())
+                    record = run_steps(ImageRecord(image_id_from_name(path), path, data=f.read()), self.after_read)
+            if isinstance(record, Outcome):
+                yield record
+                continue
             with self.clock("decode"):
                 decoded = decode_record(record, self.args.max_pixels, self.args.patch_size)
             if isinstance(decoded, Outcome):

@@ -1,8 +1,10 @@
 """build_dataset: face images -> skin-filtered, high-resolution patches in Parquet.
 
-Read -> Decode -> Segment -> FilterFaces -> Split -> CutPatches -> Write, with every input
+Read -> Split -> Decode -> Segment -> FilterFaces -> CutPatches -> Write, with every input
 image ending as exactly one row of ``faces/``: kept, filtered (with a reason) or failed
-(with the stage and error). ``manifest.json`` is written last and checks that count.
+(with the stage and error). ``manifest.json`` is written last and checks that count. The
+split depends only on the id, path and metadata, so it is set right after the read and every
+row from there on, filtered or failed, carries it.
 
     python -m pipelines.build_dataset --input 'ffhq/*/*.png' --output out/ [Beam flags]
 """
@@ -45,10 +47,10 @@ def patch_rows_of(face: Mapping[str, Any]) -> int:
 
 def build(p: beam.Pipeline, config: DatasetConfig, prepared: Prepared) -> JobOutputs:
     """Compose the job's stages on ``p``."""
-    segmented, failures, inputs = segmented_faces(p, config, prepared)
+    split = AssignSplit(config.split, config.split_fractions)
+    segmented, failures, inputs = segmented_faces(p, config, prepared, split)
     faces, filtered = segmented | "FilterFaces" >> FilterFaces(config.min_face_skin)
-    split, split_failed = faces | "Split" >> AssignSplit(config.split, config.split_fractions)
-    patched, no_patch = split | "CutPatches" >> CutPatches(
+    patched, no_patch = faces | "CutPatches" >> CutPatches(
         config.patch_size, config.stride, config.min_patch_skin, config.blackout_background
     )
     rows, kept = patched | "EncodePatches" >> EncodePatchRows(
@@ -62,7 +64,7 @@ def build(p: beam.Pipeline, config: DatasetConfig, prepared: Prepared) -> JobOut
         )
         for name, part in zip(SPLITS, by_split)
     ]
-    return JobOutputs(inputs, [*failures, filtered, split_failed, no_patch, kept], files)
+    return JobOutputs(inputs, [*failures, filtered, no_patch, kept], files)
 
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:

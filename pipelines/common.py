@@ -38,6 +38,7 @@ from transforms.resume import RUN_FLAGS, Families, RunStart, start_run
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
 from transforms.sidefiles import InputError, load_ffhq_metadata, load_labels
 from transforms.sink import OutputError, prepare_output
+from transforms.split import AssignSplit
 from transforms.storage import EndpointError, check_endpoints, open_file
 
 if TYPE_CHECKING:  # pipelines.config builds on this module's checks and errors
@@ -136,16 +137,24 @@ class JobOutputs(NamedTuple):
 
 
 def segmented_faces(
-    p: beam.Pipeline, config: JobConfig, prepared: Prepared
+    p: beam.Pipeline, config: JobConfig, prepared: Prepared, split: Optional[AssignSplit] = None
 ) -> tuple[beam.PCollection, list[beam.PCollection], beam.PCollection]:
-    """Read -> Decode -> Segment: the segmented records, the failure outcomes so far, the input count."""
+    """Read -> [Split] -> Decode -> Segment: the segmented records, the failure outcomes so far, the input count.
+
+    ``split`` runs right after the read, on the id, path and metadata alone, so that every
+    outcome from then on (decode failures and filtered faces included) carries its split.
+    """
     records, read_failed, inputs = p | "Read" >> ReadImages(
         config.input, prepared.labels, prepared.ffhq_meta, config.voc_annotations, prepared.run.done_list
     )
+    failures = [read_failed]
+    if split is not None:
+        records, split_failed = records | "Split" >> split
+        failures.append(split_failed)
     decoded, decode_failed = records | "Decode" >> DecodeImages(config.max_pixels, config.patch_size)
     handler = SkinSegmenterHandler(config.segmenter_checkpoint, config.device, config.batch_size, config.torch_threads)
     segmented, segment_failed = decoded | "Segment" >> SegmentSkin(handler)
-    return segmented, [read_failed, decode_failed, segment_failed], inputs
+    return segmented, [*failures, decode_failed, segment_failed], inputs
 
 
 def finish_job(

@@ -18,6 +18,7 @@ from pipelines.build_dataset import run
 from pipelines.common import JobConfigError
 from tests.conftest import REPO
 from tests.images import png_bytes, random_rgb
+from transforms.split import hash_split, parse_fractions
 
 SMALL = ["--patch-size", "128"]
 
@@ -55,6 +56,18 @@ def test_kept_faces_have_patches_and_their_counts_match(sample_build) -> None:
     assert (patches.skin_fraction >= 0.5).all() and (patches["size"] == 256).all()
     assert patches.groupby("image_id").split.nunique().max() == 1, "a face never straddles splits"
     assert set(patches.segmenter_sha256) == {manifest["checkpoints"]["segmenter"]["sha256"]}
+
+
+def test_every_face_that_was_read_carries_its_split_filtered_and_failed_included(sample_build) -> None:
+    out, _ = sample_build
+    faces = read_table(str(out), FACES_DIR).to_pandas()
+    assert {"filtered", "failed"} <= set(faces.status), "the sample has a low-skin face and two broken files"
+    expected = {i: hash_split(i, parse_fractions("0.8,0.1,0.1")) for i in faces.image_id}
+    assert faces.set_index("image_id").split.to_dict() == expected
+    patches = read_patches(str(out), columns=["image_id", "split"]).to_pandas()
+    assert (patches.split == patches.image_id.map(expected)).all()
+    kept = faces[faces.status == "kept"]
+    assert patches.split.value_counts().to_dict() == kept.groupby("split").patch_count.sum().to_dict()
 
 
 def test_patches_decode_like_a_hugging_face_image_column(sample_build) -> None:

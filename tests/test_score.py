@@ -1,13 +1,19 @@
 """score end to end: one row per image with a verdict, and nothing silently dropped."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
+import apache_beam as beam
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from apache_beam.pipeline import PipelineVisitor
+from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from models.classifier import SEVERITIES
@@ -15,6 +21,7 @@ from models.dataset import FACES_DIR, PATCH_SCORES_DIR, SCORES_DIR, read_table
 from pipelines import build_dataset
 from pipelines.common import JobConfigError
 from pipelines.score import run
+from transforms.read_patches import PatchRows, ReadPatchDataset, patch_files, plan_faces
 
 # Tiny thresholds are valid probabilities; under the untrained classifier's calibration every
 # face's acne probability is above this one (and below its own 0.5).
@@ -145,6 +152,69 @@ def test_an_existing_patch_dataset_is_rescored_without_resegmenting(
     assert scores.set_index("image_id").patches_used.to_dict() == kept.set_index("image_id").patch_count.to_dict()
     assert manifest["checkpoints"]["segmenter"] == built["checkpoints"]["segmenter"]
     assert (scores.verdict == "clear").all()
+
+
+def test_rescoring_shuffles_row_refs_and_reads_image_bytes_only_after_grouping(
+        sample_dataset, tmp_path: Path, pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset, _ = sample_dataset
+    copy = tmp_path / "dataset"
+    shutil.copytree(dataset, copy)
+    # Row groups of 5 rows cut faces apart: some faces need two groups.
+    for path in (copy / "patches").rglob("*.parquet"):
+        pq.write_table(pq.read_table(path), path, row_group_size=5, compression="none")
+    table = pa.concat_tables(pq.read_table(f) for f in sorted((copy / "patches").rglob("*.parquet")))
+    reads: list[tuple[str, ...]] = []
+    real = pq.ParquetFile.read_row_group
+
+    def counted(self: pq.ParquetFile, i: int, columns: list[str], **kwargs) -> pa.Table:
+        reads.append(tuple(columns))
+        return real(self, i, columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+
+    planned = [ref for uri in patch_files(str(copy)) for ref in plan_faces(uri)]
+    assert set(reads) == {("image_id",)}, "planning reads the ids alone, never an image or mask"
+    groups = len(reads)
+    spanning = len(planned) - len({image_id for image_id, _ in planned})
+    assert spanning > 0 and all(isinstance(ref, PatchRows) for _, ref in planned)
+
+    reads.clear()
+    with pipeline() as p:
+        faces, failed, inputs = p | ReadPatchDataset(str(copy))
+        assert_that(faces | beam.Map(lambda r: (r.image_id, r.split, tuple((q.x, q.y) for q in r.patches))),
+                    equal_to(_faces_of(table.to_pylist())), label="faces")
+        assert_that(failed, equal_to([]), label="failed")
+        assert_that(inputs, equal_to([len(set(table.column("image_id").to_pylist()))]), label="inputs")
+    # What goes through both shuffles is declared as row refs, and a ref holds no bytes.
+    shuffled = {node.full_label.rsplit("/", 1)[-1]: str(node.inputs[0].element_type) for node in _group_by_keys(p)}
+    for label in ("GroupByFace", "GroupByRowGroup"):
+        assert "PatchRows" in shuffled[label] and "Any" not in shuffled[label], shuffled[label]
+    assert [f.type for f in dataclasses.fields(PatchRows)] == ["str", "int", "tuple[int, ...]"]
+    patch_reads = [columns for columns in reads if "image" in columns]
+    assert reads.count(("image_id",)) == groups and len(reads) == groups + len(patch_reads)
+    assert groups <= len(patch_reads) <= groups + spanning, "each row group is read once, twice at most for a cut face"
+
+
+def _faces_of(rows: list[dict]) -> list[tuple]:
+    by_face: dict[str, list[dict]] = {}
+    for row in rows:
+        by_face.setdefault(row["image_id"], []).append(row)
+    return [(i, rs[0]["split"], tuple((r["x"], r["y"]) for r in sorted(rs, key=lambda r: (r["y"], r["x"]))))
+            for i, rs in by_face.items()]
+
+
+def _group_by_keys(p: beam.Pipeline) -> list:
+    nodes = []
+
+    class Visitor(PipelineVisitor):
+        def visit_transform(self, node) -> None:
+            if isinstance(node.transform, beam.GroupByKey):
+                nodes.append(node)
+
+        enter_composite_transform = visit_transform
+
+    p.visit(Visitor())
+    return nodes
 
 
 def test_a_verdict_threshold_changes_the_verdicts(

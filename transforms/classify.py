@@ -147,5 +147,5 @@ def scored_outcome(face: ScoredFace) -> Outcome:
     record = face.record
     return Outcome(
         record.image_id, record.source_uri, KEPT, STAGE, skin_fraction=record.skin_fraction,
-        patch_count=len(record.patches), label=record.label,
+        patch_count=len(record.patches), split=record.split, label=record.label,
     )

@@ -116,7 +116,7 @@ def decode_record(
         else:
             pixels = raw_image(record.data or b"", record.raw_shape, max_pixels, min_size)
     except Exception as exc:
-        return Outcome.failed(record.image_id, record.source_uri, STAGE, exc)
+        return Outcome.failed(record.image_id, record.source_uri, STAGE, exc, record.split)
     # The encoded bytes are no longer needed; dropping them halves what each record holds.
     return replace(record, data=None, raw_shape=None, pixels=pixels)
 

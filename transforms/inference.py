@@ -59,7 +59,7 @@ def failed_batch(failure: tuple[Sequence[ImageRecord], Any], stage: str) -> Iter
     else:
         error_type, reason = "RuntimeError", str(error)
     for record in batch:
-        yield Outcome(record.image_id, record.source_uri, FAILED, stage, reason, error_type)
+        yield Outcome(record.image_id, record.source_uri, FAILED, stage, reason, error_type, split=record.split)
 
 
 class RunCheckpoint(beam.PTransform):

@@ -114,7 +114,7 @@ def filter_face(record: ImageRecord, min_face_skin: float) -> ImageRecord | Outc
     return Outcome(
         record.image_id, record.source_uri, FILTERED, "filter_faces",
         f"skin fraction {record.skin_fraction:.3f} is under --min-face-skin {min_face_skin}",
-        skin_fraction=record.skin_fraction, label=record.label,
+        skin_fraction=record.skin_fraction, split=record.split, label=record.label,
     )
 
 

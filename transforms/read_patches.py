@@ -2,23 +2,52 @@
 
 This lets ``score`` re-score a dataset without decoding and segmenting the originals again:
 the patches were cut and filtered when the dataset was built.
+
+The patch images never go through a shuffle. Planning reads only the ``image_id`` column and
+emits where each face's rows lie (file, row group, row numbers); those small refs are grouped
+by face, then by the row group they start in, and only then are the image bytes read: each
+row group once for all the faces that start in it.
 """
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from models.dataset import MANIFEST, PATCHES_DIR, join
-from transforms.records import ImageRecord, Outcome, Patch
-from transforms.storage import find_files, is_dir, is_file, open_file
+from transforms.records import OUTCOME, ImageRecord, Outcome, Patch
+from transforms.storage import find_files, is_dir, is_file, open_exact
 
 STAGE = "read"
 COLUMNS = ["image_id", "label", "x", "y", "size", "skin_fraction", "image", "source_uri", "split"]
+# All that planning reads: the id of every row, never its image or mask.
+PLAN_COLUMNS = ["image_id"]
+
+
+@dataclass(frozen=True, order=True)
+class PatchRows:
+    """Where some of one face's patch rows lie: row numbers within one row group of one file."""
+
+    uri: str
+    row_group: int
+    rows: tuple[int, ...]
+
+    @property
+    def unit(self) -> tuple[str, int]:
+        return self.uri, self.row_group
+
+
+FaceRows = tuple[str, tuple[PatchRows, ...]]
+# What each shuffle carries, declared so that Beam picks deterministic coders for the keys.
+PLANNED = tuple[str, PatchRows]
+KEYED_FACES = tuple[tuple[str, int], FaceRows]
 
 
 def is_patch_dataset(uri: str) -> bool:
@@ -30,33 +59,63 @@ def patch_files(uri: str) -> list[str]:
     return find_files(join(uri, PATCHES_DIR), ".parquet")
 
 
-def _rows(uri: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open_file(uri) as f:
+def plan_faces(uri: str) -> Iterator[tuple[str, PatchRows]]:
+    """One patch file -> (image_id, where its rows lie) per face and row group, from the id column alone."""
+    with open_exact(uri) as f:
         pf = pq.ParquetFile(f)
         for rg in range(pf.num_row_groups):
-            for row in pf.read_row_group(rg, columns=COLUMNS).to_pylist():
-                yield row["image_id"], row
+            rows: dict[str, list[int]] = defaultdict(list)
+            for i, image_id in enumerate(pf.read_row_group(rg, columns=PLAN_COLUMNS).column(0).to_pylist()):
+                rows[image_id].append(i)
+            for image_id, numbers in rows.items():
+                yield image_id, PatchRows(uri, rg, tuple(numbers))
 
 
-class _AssembleFace(beam.DoFn):
+def by_first_unit(image_id: str, parts: Iterable[PatchRows]) -> tuple[tuple[str, int], FaceRows]:
+    """Key a face's refs by the row group its first rows lie in, so that group is read once for all its faces."""
+    ordered = tuple(sorted(parts))
+    return ordered[0].unit, (image_id, ordered)
+
+
+class _ReadFaces(beam.DoFn):
+    """(row group, the faces that start in it) -> ImageRecords with decoded patches, or failed Outcomes."""
+
+    def setup(self) -> None:
+        self._inputs = Metrics.counter("acne", "inputs")
+
+    def process(self, element: tuple[tuple[str, int], Iterable[FaceRows]]) -> Iterator[Any]:
+        faces = list(element[1])
+        # A face cut by a row-group boundary also needs the next group; each group is read once here.
+        tables = read_units({part.unit for _, parts in faces for part in parts})
+        for image_id, parts in faces:
+            self._inputs.inc()
+            face = assemble_face(image_id, [r for part in parts for r in tables[part.unit].take(part.rows).to_pylist()])
+            yield beam.pvalue.TaggedOutput(OUTCOME, face) if isinstance(face, Outcome) else face
+
+
+def read_units(units: Iterable[tuple[str, int]]) -> dict[tuple[str, int], pa.Table]:
+    """The ``COLUMNS`` of each (file, row group), opening each file once."""
+    by_file: dict[str, list[int]] = defaultdict(list)
+    for uri, rg in units:
+        by_file[uri].append(rg)
+    tables = {}
+    for uri, row_groups in by_file.items():
+        with open_exact(uri) as f:
+            pf = pq.ParquetFile(f)
+            for rg in row_groups:
+                tables[uri, rg] = pf.read_row_group(rg, columns=COLUMNS)
+    return tables
+
+
+def assemble_face(image_id: str, rows: list[dict[str, Any]]) -> ImageRecord | Outcome:
     """All patch rows of one face -> an ImageRecord with decoded patches, or a failed Outcome."""
-
-    def __init__(self) -> None:
-        self.inputs = Metrics.counter("acne", "inputs")
-
-    def process(self, element: tuple[str, Iterable[dict[str, Any]]]) -> Iterator[Any]:
-        image_id, rows = element
-        rows = sorted(rows, key=lambda r: (r["y"], r["x"]))
-        self.inputs.inc()
-        first = rows[0]
-        try:
-            patches = tuple(_patch(r) for r in rows)
-        except ValueError as exc:
-            yield beam.pvalue.TaggedOutput("outcome", Outcome.failed(image_id, first["source_uri"], STAGE, exc))
-            return
-        yield ImageRecord(
-            image_id, first["source_uri"], label=first["label"], split=first["split"], patches=patches
-        )
+    rows = sorted(rows, key=lambda r: (r["y"], r["x"]))
+    first = rows[0]
+    try:
+        patches = tuple(_patch(r) for r in rows)
+    except ValueError as exc:
+        return Outcome.failed(image_id, first["source_uri"], STAGE, exc, first["split"])
+    return ImageRecord(image_id, first["source_uri"], label=first["label"], split=first["split"], patches=patches)
 
 
 def _patch(row: dict[str, Any]) -> Patch:
@@ -73,16 +132,18 @@ class ReadPatchDataset(beam.PTransform):
         super().__init__()
         self._uri = uri
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection]:
+    def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
         faces = (
             pbegin
             | "PatchFiles" >> beam.Create(patch_files(self._uri))
             | "SpreadFiles" >> beam.Reshuffle()
-            | "Rows" >> beam.FlatMap(_rows)
+            | "PlanRows" >> beam.FlatMap(plan_faces).with_output_types(PLANNED)
             | "GroupByFace" >> beam.GroupByKey()
-            | "AssembleFaces" >> beam.ParDo(_AssembleFace()).with_outputs("outcome", main="faces")
+            | "KeyByRowGroup" >> beam.MapTuple(by_first_unit).with_output_types(KEYED_FACES)
+            | "GroupByRowGroup" >> beam.GroupByKey()
+            | "ReadFaces" >> beam.ParDo(_ReadFaces()).with_outputs(OUTCOME, main="faces")
         )
         inputs = faces.faces | "CountFaces" >> beam.combiners.Count.Globally()
-        failed_n = faces.outcome | "CountFailed" >> beam.combiners.Count.Globally()
+        failed_n = faces[OUTCOME] | "CountFailed" >> beam.combiners.Count.Globally()
         total = (inputs, failed_n) | "BothCounts" >> beam.Flatten() | "CountInputs" >> beam.CombineGlobally(sum)
-        return faces.faces, faces.outcome, total
+        return faces.faces, faces[OUTCOME], total

@@ -101,10 +101,12 @@ class Outcome:
     label: Optional[str] = None
 
     @classmethod
-    def failed(cls, image_id: str, source_uri: str, stage: str, exc: BaseException | str) -> "Outcome":
+    def failed(
+        cls, image_id: str, source_uri: str, stage: str, exc: BaseException | str, split: Optional[str] = None
+    ) -> "Outcome":
         if isinstance(exc, BaseException):
-            return cls(image_id, source_uri, FAILED, stage, str(exc) or repr(exc), type(exc).__name__)
-        return cls(image_id, source_uri, FAILED, stage, exc, "InvalidInput")
+            return cls(image_id, source_uri, FAILED, stage, str(exc) or repr(exc), type(exc).__name__, split=split)
+        return cls(image_id, source_uri, FAILED, stage, exc, "InvalidInput", split=split)
 
 
 Step = Callable[[ImageRecord], Union[ImageRecord, Outcome]]
