@@ -115,9 +115,7 @@ class ReadBytes(beam.DoFn):
     """ImageRef(s) -> ImageRecord with bytes, label and metadata attached.
 
     Labels and FFHQ metadata come as URIs and are loaded in ``setup``, once per worker process
-    (``Shared``), rather than as a Beam side input: the launcher has already checked the files,
-    a plain dict lookup per image is all the join needs, and no extra stage has to read,
-    shuffle and re-materialise a million rows for every worker.
+    (``Shared``); ``transforms.sidefiles`` says why.
     """
 
     def __init__(
