@@ -36,7 +36,7 @@ from transforms.plan import check_patterns
 from transforms.read import ReadImages
 from transforms.resume import RUN_FLAGS, Families, RunStart, start_run
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
-from transforms.sidefiles import InputError, load_ffhq_metadata, load_labels
+from transforms.sidefiles import InputError, LabelFiles, load_ffhq_categories, load_labels
 from transforms.sink import OutputError, prepare_output
 from transforms.split import AssignSplit
 from transforms.storage import EndpointError, check_endpoints, open_file
@@ -66,10 +66,14 @@ class AccountingError(RuntimeError):
 
 @dataclass
 class Prepared:
-    """What the up-front checks produced for the pipeline to use."""
+    """What the up-front checks produced for the pipeline to use: references and hashes, never the data.
 
-    labels: Optional[dict[str, str]]
-    ffhq_meta: Optional[dict[str, Any]]
+    Side files are checked here and loaded again by the workers, so the job graph does not grow
+    with them (``transforms.sidefiles``).
+    """
+
+    labels: Optional[LabelFiles]
+    ffhq_metadata: Optional[str]
     segmenter_sha256: str
     classifier_sha256: Optional[str] = None
     run: RunStart = RunStart(run=1)
@@ -99,15 +103,19 @@ def prepare(config: JobConfig, options: Optional[PipelineOptions] = None) -> Pre
         segmenter = Segmenter.load(config.segmenter_checkpoint)
         classifier = Classifier.load(classifier_uri) if classifier_uri else None
         files = check_patterns(config.input)
-        labels = load_labels(config.labels_csv, config.id_column, config.label_column) if config.labels_csv else None
-        ffhq = load_ffhq_metadata(config.ffhq_metadata) if config.ffhq_metadata else None
+        labels = LabelFiles(config.labels_csv, config.id_column, config.label_column) if config.labels_csv else None
+        if labels is not None:
+            log.info("labels for %d image id(s) in %s", len(load_labels(labels)), ", ".join(labels.uris))
+        if config.ffhq_metadata:
+            log.info("FFHQ categories for %d face(s) in %s", len(load_ffhq_categories(config.ffhq_metadata)),
+                     config.ffhq_metadata)
         prepare_output(config.output, config.overwrite, config.resume)
     except CONFIG_ERRORS as exc:
         raise JobConfigError(str(exc)) from exc
     log.info(
         "found %d input file(s); segmenter %s (sha256 %s)", files, config.segmenter_checkpoint, segmenter.sha256[:12]
     )
-    return Prepared(labels, ffhq, segmenter.sha256, classifier.sha256 if classifier else None)
+    return Prepared(labels, config.ffhq_metadata, segmenter.sha256, classifier.sha256 if classifier else None)
 
 
 def start(
@@ -145,7 +153,7 @@ def segmented_faces(
     outcome from then on (decode failures and filtered faces included) carries its split.
     """
     records, read_failed, inputs = p | "Read" >> ReadImages(
-        config.input, prepared.labels, prepared.ffhq_meta, config.voc_annotations, prepared.run.done_list
+        config.input, prepared.labels, prepared.ffhq_metadata, config.voc_annotations, prepared.run.done_list
     )
     failures = [read_failed]
     if split is not None:

@@ -73,8 +73,7 @@ def add_input_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--id-column", default="image_id", help="Id column of --labels-csv (default: %(default)s).")
     g.add_argument("--label-column", default="label", help="Label column of --labels-csv (default: %(default)s).")
     g.add_argument("--ffhq-metadata", default=None, metavar="JSON",
-                   help="FFHQ's ffhq-dataset-v2.json: adds each face's category and landmarks (needed by "
-                        "--split ffhq).")
+                   help="FFHQ's ffhq-dataset-v2.json: adds each face's category (needed by --split ffhq).")
     g.add_argument("--voc-annotations", action="store_true",
                    help="Read Pascal-VOC lesion boxes from the .xml beside each loose image and record a "
                         "lesion_count per patch.")

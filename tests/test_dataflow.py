@@ -16,6 +16,7 @@ import venv
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 from apache_beam.portability import common_urns
 from apache_beam.portability.api import beam_runner_api_pb2
@@ -43,6 +44,10 @@ GPU_IMAGE = "us-docker.pkg.dev/my-project/acne/beam-gpu:0.1.0"
 ACCELERATOR = "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
 DATAFLOW = ["--runner=DataflowRunner", "--dry_run=True", "--no_auth", "--project=acne-dry-run",
             "--region=europe-west4", "--temp_location=gs://acne-dry-run-temp/tmp", "--job_name=acne-dry-run"]
+# Dataflow refuses job requests over 20 MB; a graph that does not carry the data stays far below.
+MAX_GRAPH_BYTES = 1_000_000
+FFHQ_ENTRIES = 70_000
+LABEL_ROWS = 1_000_000
 CPU_WORKERS = [f"--setup_file={ROOT / 'setup.py'}", "--sdk_location=container",
                "--machine_type=n2-highmem-4", "--max_num_workers=20"]
 GPU_WORKERS = [f"--sdk_container_image={GPU_IMAGE}", "--sdk_location=container", "--machine_type=g2-standard-8",
@@ -140,6 +145,49 @@ def test_build_dataset_graph_for_cpu_workers(cpu_build_job: Any) -> None:
     assert "workflow.tar.gz" in staged_files(artifacts), "the --setup_file package is not staged"
     # Beam's --labels labels the Dataflow job; the job's own label file is --labels-csv.
     assert dict(cpu_build_job.proto.labels) == {"team": "acne"}
+
+
+def ffhq_metadata_json(entries: int) -> bytes:
+    """An ``ffhq-dataset-v2.json`` of ``entries`` faces, shaped like the real one (68 landmarks each).
+
+    Coordinates are random, as real ones are: Beam compresses the pickled graph, so repeated
+    values would hide how big data inside it gets.
+    """
+    coords = np.random.default_rng(0).integers(0, 102_400, size=(entries, 68, 2)) / 100
+    categories = ("training", "validation")
+    body = ",".join(
+        f'"{i}": {{"category": "{categories[i % 10 == 0]}", "metadata": {{"license": "cc"}}, '
+        f'"image": {{"file_path": "images1024x1024/{i // 1000 * 1000:05d}/{i:05d}.png", '
+        f'"pixel_size": [1024, 1024], "face_landmarks": {json.dumps(coords[i].tolist())}}}}}'
+        for i in range(entries)
+    )
+    return ("{" + body + "}").encode()
+
+
+@pytest.fixture(scope="module")
+def large_side_files(gcs: dict[str, str]) -> dict[str, str]:
+    """A full-size FFHQ metadata file and a million-row label file in the emulator bucket."""
+    grades = np.random.default_rng(1).integers(0, 4, size=LABEL_ROWS)
+    rows = "".join(f"images/{i * 2654435761 % 2**32:08x}.jpg,{grade}\n" for i, grade in enumerate(grades))
+    put_files(gcs["root"], {
+        "large/ffhq-dataset-v2.json": ffhq_metadata_json(FFHQ_ENTRIES),
+        "large/labels.csv": ("image_id,label\n" + rows).encode(),
+    })
+    return {"ffhq": f"{gcs['root']}/large/ffhq-dataset-v2.json", "labels": f"{gcs['root']}/large/labels.csv"}
+
+
+def test_graph_size_does_not_grow_with_the_side_files(
+    gcs: dict[str, str], large_side_files: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Labels and FFHQ metadata reach the workers by URI: the job request stays small whatever their size."""
+    argv = ["--input", f"{gcs['root']}/images", "--output", f"{gcs['root']}/out/large-side-files",
+            "--segmenter-checkpoint", gcs["segmenter"], "--labels-csv", large_side_files["labels"],
+            "--ffhq-metadata", large_side_files["ffhq"], "--split", "ffhq", *JOB_FLAGS, *DATAFLOW, *CPU_WORKERS]
+    built = dry_run(build_dataset, argv, monkeypatch)
+    # The steps travel in the pipeline proto (the Job request itself holds none on Runner v2).
+    size = len(built.proto_pipeline.SerializeToString())
+    print(f"serialised pipeline proto: {size} bytes")
+    assert size < MAX_GRAPH_BYTES, size
 
 
 @pytest.mark.parametrize("job", ["build_dataset", "score"])

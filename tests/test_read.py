@@ -14,10 +14,11 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.images import png_bytes, random_rgb
+from transforms import sidefiles
 from transforms.plan import check_patterns, plan_shard
 from transforms.read import ReadImages
 from transforms.records import ImageRef, Outcome
-from transforms.sidefiles import InputError, load_ffhq_metadata, load_labels, parse_voc_boxes
+from transforms.sidefiles import InputError, LabelFiles, load_ffhq_categories, load_labels, parse_voc_boxes
 
 PNG = png_bytes(random_rgb(8, 8))
 
@@ -137,7 +138,8 @@ def test_labels_match_by_file_stem_and_missing_labels_fail(tmp_path: Path, pipel
     (tmp_path / "levle0_10.jpg").write_bytes(PNG)
     (tmp_path / "levle3_2.jpg").write_bytes(PNG)
     (tmp_path / "labels.csv").write_text("image,grade\nimages/levle0_10.jpg,0\n")
-    labels = load_labels([str(tmp_path / "labels.csv")], "image", "grade")
+    labels = LabelFiles((str(tmp_path / "labels.csv"),), "image", "grade")
+    assert load_labels(labels) == {"levle0_10": "0"}
     expect_read(
         pipeline, [str(tmp_path / "*.jpg")], [("levle0_10", "0")],
         [("levle3_2", "label", "no label for image id 'levle3_2' in --labels-csv")], labels=labels,
@@ -147,7 +149,7 @@ def test_labels_match_by_file_stem_and_missing_labels_fail(tmp_path: Path, pipel
 def test_label_file_without_the_named_columns_fails_fast(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("name,grade\na,1\n")
     with pytest.raises(InputError, match=r"no column\(s\) \['image_id'\].*--id-column"):
-        load_labels([str(tmp_path / "labels.csv")], "image_id", "grade")
+        load_labels(LabelFiles((str(tmp_path / "labels.csv"),), "image_id", "grade"))
 
 
 @pytest.mark.parametrize("pattern", ["/no/such/folder/*.png", "memory://empty-bucket/x/*.tar"])
@@ -168,10 +170,40 @@ def test_voc_boxes_are_parsed() -> None:
     assert parse_voc_boxes(xml) == [(1, 2, 5, 9)]
 
 
-def test_ffhq_metadata_gives_category_and_landmarks_by_five_digit_id(tmp_path: Path) -> None:
+def test_short_label_rows_fail_fast(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("image_id,grade\na,1\n\nb\n")
+    with pytest.raises(InputError, match="line 4 has 1 of 2 columns"):
+        load_labels(LabelFiles((str(tmp_path / "labels.csv"),), "image_id", "grade"))
+
+
+def test_ffhq_metadata_gives_the_category_by_five_digit_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the category is kept; entries are decoded one at a time, across chunk boundaries."""
+    monkeypatch.setattr(sidefiles, "JSON_CHUNK_CHARS", 7)
     (tmp_path / "ffhq.json").write_text(
-        '{"7": {"category": "validation", "image": {"face_landmarks": [[1.0, 2.0]]}, "metadata": {}}}'
+        '{"7": {"category": "validation", "image": {"face_landmarks": [[1.0, 2.0]]}, "metadata": {}},\n'
+        ' "12" : {"category": "training", "image": {"pixel_size": [1024, 1024]}} }\n'
     )
-    assert load_ffhq_metadata(str(tmp_path / "ffhq.json")) == {
-        "00007": {"category": "validation", "landmarks": [[1.0, 2.0]]}
-    }
+    assert load_ffhq_categories(str(tmp_path / "ffhq.json")) == {"00007": "validation", "00012": "training"}
+
+
+@pytest.mark.parametrize("text", ["", "[1, 2]", '{"7": {"category": "training"}', '{"7": {}} {}', '{"7": 3}', "{,}"])
+def test_ffhq_metadata_that_is_not_a_json_object_of_faces_fails_fast(tmp_path: Path, text: str) -> None:
+    (tmp_path / "ffhq.json").write_text(text)
+    with pytest.raises(InputError, match="cannot read FFHQ metadata"):
+        load_ffhq_categories(str(tmp_path / "ffhq.json"))
+
+
+def test_labels_and_ffhq_categories_reach_the_records_by_uri(tmp_path: Path, pipeline) -> None:
+    for name in ("00001", "00002"):
+        (tmp_path / f"{name}.png").write_bytes(PNG)
+    (tmp_path / "labels.csv").write_text("image_id,label\n00001,0\n00002,3\n")
+    (tmp_path / "ffhq.json").write_text('{"1": {"category": "validation"}, "2": {"category": "training"}}')
+    with pipeline() as p:
+        records, _, _ = p | ReadImages(
+            [str(tmp_path / "*.png")], LabelFiles((str(tmp_path / "labels.csv"),), "image_id", "label"),
+            str(tmp_path / "ffhq.json"),
+        )
+        assert_that(
+            records | beam.Map(lambda r: (r.image_id, r.label, r.meta)),
+            equal_to([("00001", "0", {"category": "validation"}), ("00002", "3", {"category": "training"})]),
+        )

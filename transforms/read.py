@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import zipfile
 from collections import OrderedDict
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 from xml.etree import ElementTree
 
 import apache_beam as beam
 import pyarrow.parquet as pq
+from apache_beam.utils.shared import Shared
 
 from transforms.plan import STAGE, PlanShards, input_files
 from transforms.records import ImageRecord, ImageRef, Outcome
 from transforms.resume import SkipDone
-from transforms.sidefiles import voc_boxes
+from transforms.sidefiles import LabelFiles, load_ffhq_categories, load_labels, voc_boxes
 from transforms.storage import open_exact, read_bytes, read_range, with_retries
 from transforms.tfrecord import example_pixels, unframe
 
@@ -106,24 +107,39 @@ def pick_unique(image_id: str, refs: Iterable[ImageRef]) -> Iterator[Any]:
         )
 
 
+class _JoinData:
+    """The id -> label and id -> FFHQ category maps one worker process shares across its threads."""
+
+    def __init__(self, labels: LabelFiles | None, ffhq_metadata: str | None):
+        self.labels = load_labels(labels) if labels is not None else None
+        self.ffhq = load_ffhq_categories(ffhq_metadata) if ffhq_metadata is not None else None
+
+
 class ReadBytes(beam.DoFn):
-    """ImageRef(s) -> ImageRecord with bytes, label and metadata attached."""
+    """ImageRef(s) -> ImageRecord with bytes, label and metadata attached.
+
+    Labels and FFHQ metadata come as URIs and are loaded in ``setup``, once per worker process
+    (``Shared``); ``transforms.sidefiles`` says why.
+    """
 
     def __init__(
         self,
-        labels: Mapping[str, str] | None,
-        ffhq_meta: Mapping[str, Any] | None,
+        labels: LabelFiles | None,
+        ffhq_metadata: str | None,
         voc_annotations: bool,
         attempts: int = 3,
         base_delay: float = 0.2,
     ):
-        self._labels = labels
-        self._ffhq = ffhq_meta
+        self._labels_files = labels
+        self._ffhq_uri = ffhq_metadata
         self._voc = voc_annotations
         self._retry = (attempts, base_delay)
+        self._shared = Shared()
 
     def setup(self) -> None:
         self._reader = _ShardReader(attempts=self._retry[0], base_delay=self._retry[1])
+        self._join = self._shared.acquire(lambda: _JoinData(self._labels_files, self._ffhq_uri))
+        self._labels, self._ffhq = self._join.labels, self._join.ffhq
 
     def teardown(self) -> None:
         self._reader.close()
@@ -156,7 +172,7 @@ class ReadBytes(beam.DoFn):
     def _record(self, ref: ImageRef, data: bytes | None) -> ImageRecord | Outcome:
         meta: dict[str, Any] = {}
         if self._ffhq is not None and ref.image_id in self._ffhq:
-            meta.update(self._ffhq[ref.image_id])
+            meta["category"] = self._ffhq[ref.image_id]
         if self._voc and ref.kind == "image":
             try:
                 meta["lesions"] = voc_boxes(ref.shard_uri)
@@ -187,22 +203,22 @@ class ReadImages(beam.PTransform):
 
     Every planned image, and every shard part that could not be planned, is one input.
 
-    Labels and FFHQ metadata are small dictionaries loaded once by the launcher and shipped
-    with the transform.
+    Label files and FFHQ metadata are passed by URI and loaded by the workers, so the job graph
+    stays the same size whatever theirs.
     """
 
     def __init__(
         self,
         patterns: Sequence[str],
-        labels: Mapping[str, str] | None = None,
-        ffhq_meta: Mapping[str, Any] | None = None,
+        labels: LabelFiles | None = None,
+        ffhq_metadata: str | None = None,
         voc_annotations: bool = False,
         done_list: Optional[str] = None,
     ):
         super().__init__()
         self._patterns = list(patterns)
         self._done_list = done_list
-        self._read = ReadBytes(labels, ffhq_meta, voc_annotations)
+        self._read = ReadBytes(labels, ffhq_metadata, voc_annotations)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection]:
         planned = (

@@ -1,21 +1,42 @@
 """Side files: what is joined to images by id (label CSVs, FFHQ metadata, VOC lesion boxes).
 
-Labels and FFHQ metadata are small and loaded once by the launcher, so a bad file fails
-before any work; VOC boxes sit beside each image and are read with it.
+Label CSVs and FFHQ metadata travel to the workers as URIs, not as data: a million labels or
+the 70,000-entry ``ffhq-dataset-v2.json`` pickled into the job graph would exceed the 20 MB
+that Dataflow accepts for a job request. The launcher parses each file once to fail fast and
+discards the result; each worker process loads it again in ``ReadBytes.setup``
+(``transforms.read``, shared across the process's threads), keeping only the fields the stages
+use. Not a Beam side input: the join is one dict lookup per image, and a side input would add
+a stage that reads, shuffles and re-materialises a million rows on every worker for what a
+plain load gives as fast (about 4 s and 90 MB for a million labels). VOC boxes sit beside
+each image and are read with it.
 """
 from __future__ import annotations
 
 import csv
 import json
 import posixpath
-from typing import Any, Optional, Sequence
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 from xml.etree import ElementTree
 
 from transforms.storage import open_file, read_bytes
 
+# Text read per step when streaming FFHQ metadata; one face's entry is a few kB.
+JSON_CHUNK_CHARS = 1 << 20
+
 
 class InputError(ValueError):
     """An input pattern, label file or metadata file cannot be used; raised before any work."""
+
+
+@dataclass(frozen=True)
+class LabelFiles:
+    """Label CSVs by URI, and the columns that hold the image id and its label."""
+
+    uris: tuple[str, ...]
+    id_column: str
+    label_column: str
 
 
 def image_id_from_name(name: str) -> str:
@@ -28,41 +49,113 @@ def _normalise_id(value: str) -> str:
     return image_id_from_name(value.strip())
 
 
-def load_labels(uris: Sequence[str], id_column: str, label_column: str) -> dict[str, str]:
+def load_labels(files: LabelFiles) -> dict[str, str]:
     """Read label CSVs into {image id: label}; ids match by file stem (``a/b.jpg`` -> ``b``)."""
     labels: dict[str, str] = {}
-    for uri in uris:
+    for uri in files.uris:
         try:
             with open_file(uri, "rt", newline="") as f:
-                reader = csv.DictReader(f)
-                missing = {id_column, label_column} - set(reader.fieldnames or ())
+                reader = csv.reader(f)
+                header = next(reader, [])
+                missing = {files.id_column, files.label_column} - set(header)
                 if missing:
                     raise InputError(
                         f"labels file {uri} has no column(s) {sorted(missing)}; its columns are "
-                        f"{reader.fieldnames}. Set --id-column / --label-column."
+                        f"{header or None}. Set --id-column / --label-column."
                     )
+                id_at, label_at = header.index(files.id_column), header.index(files.label_column)
                 for row in reader:
-                    labels[_normalise_id(row[id_column])] = row[label_column].strip()
+                    if not row:
+                        continue
+                    if len(row) <= max(id_at, label_at):
+                        raise InputError(f"labels file {uri} line {reader.line_num} has {len(row)} of "
+                                         f"{len(header)} columns")
+                    # A few distinct labels repeat across millions of rows: one string object each.
+                    labels[_normalise_id(row[id_at])] = sys.intern(row[label_at].strip())
         except (FileNotFoundError, PermissionError, OSError) as exc:
             raise InputError(f"cannot read labels file {uri}: {exc}") from exc
     return labels
 
 
-def load_ffhq_metadata(uri: str) -> dict[str, dict[str, Any]]:
-    """FFHQ's ``ffhq-dataset-v2.json`` -> {5-digit id: {category, landmarks}}."""
+class _JsonStream:
+    """Decodes the JSON values of a text file one at a time, reading it in chunks."""
+
+    def __init__(self, f: Any):
+        self._f, self._text, self._pos, self._eof = f, "", 0, False
+        self._decoder = json.JSONDecoder()
+
+    def _more(self) -> None:
+        chunk = self._f.read(JSON_CHUNK_CHARS)
+        self._text, self._pos, self._eof = self._text[self._pos:] + chunk, 0, not chunk
+
+    def _skip_space(self) -> None:
+        while True:
+            while self._pos < len(self._text) and self._text[self._pos] in " \t\r\n":
+                self._pos += 1
+            if self._pos < len(self._text) or self._eof:
+                return
+            self._more()
+
+    def take(self, token: str) -> bool:
+        """Consume ``token`` (one character) if it comes next."""
+        self._skip_space()
+        if self._text[self._pos:self._pos + 1] == token:
+            self._pos += 1
+            return True
+        return False
+
+    def at_end(self) -> bool:
+        self._skip_space()
+        return self._pos == len(self._text)
+
+    def value(self) -> Any:
+        self._skip_space()
+        while True:
+            try:
+                item, end = self._decoder.raw_decode(self._text, self._pos)
+                # A number cut at the chunk's end would decode as a shorter number.
+                if end < len(self._text) or self._eof:
+                    self._pos = end
+                    return item
+            except json.JSONDecodeError:
+                if self._eof:
+                    raise
+            self._more()
+
+    def fail(self, message: str) -> json.JSONDecodeError:
+        return json.JSONDecodeError(message, self._text, self._pos)
+
+
+def _json_entries(uri: str) -> Iterator[tuple[Any, Any]]:
+    """The top-level (key, value) pairs of a JSON object file, decoded one at a time.
+
+    ``json.load`` would hold every face's landmarks at once (gigabytes for the real file);
+    decoding entry by entry keeps one entry and one chunk of text in memory.
+    """
+    with open_file(uri, "rt") as f:
+        stream = _JsonStream(f)
+        if not stream.take("{"):
+            raise stream.fail("Expecting '{'")
+        if not stream.take("}"):
+            while True:
+                key = stream.value()
+                if not stream.take(":"):
+                    raise stream.fail("Expecting ':' delimiter")
+                yield key, stream.value()
+                if stream.take("}"):
+                    break
+                if not stream.take(","):
+                    raise stream.fail("Expecting ',' delimiter")
+        if not stream.at_end():
+            raise stream.fail("Extra data")
+
+
+def load_ffhq_categories(uri: str) -> dict[str, Optional[str]]:
+    """FFHQ's ``ffhq-dataset-v2.json`` -> {5-digit id: category}; the category is all ``--split ffhq`` uses."""
     try:
-        with open_file(uri, "rt") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as exc:
+        return {f"{int(index):05d}": entry.get("category") for index, entry in _json_entries(uri)}
+    except (OSError, ValueError, AttributeError) as exc:
         raise InputError(f"cannot read FFHQ metadata {uri}: {exc}") from exc
-    meta = {}
-    for index, entry in raw.items():
-        image = entry.get("image", {})
-        meta[f"{int(index):05d}"] = {
-            "category": entry.get("category"),
-            "landmarks": image.get("face_landmarks"),
-        }
-    return meta
 
 
 def parse_voc_boxes(xml_bytes: bytes) -> list[tuple[int, int, int, int]]:
