@@ -44,7 +44,8 @@ HOW_TO_RUN = """\
 Flags: `--segmenter-checkpoint` / `--classifier-checkpoint` (default: the shipped ones),
 `--workdir DIR --keep` to keep the inputs and each run's log. The reference loops and the
 lever micro-benchmarks also run alone: `python -m bench.reference build|score --input DIR
---output OUT [job flags]`, `python -m bench.levers --input DIR`.
+--output OUT [job flags]`, `python -m bench.levers --input DIR`. Storage and input-format
+measurements (bytes fetched per shard, job-graph size, raw TFRecord pixels) are in bench/IO.md.
 """
 
 

@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import socket
+import signal
 import subprocess
 import sys
 import tarfile
@@ -323,3 +324,17 @@ def stop(process: subprocess.Popen, timeout: float = 10) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout)
+
+
+def kill_midway(job_argv: list[str], ready: Callable[[], Any], timeout: float = 300) -> None:
+    """Start ``python -m <job_argv>`` and SIGKILL it once ``ready()`` holds, as a preempted worker dies."""
+    job = subprocess.Popen([python(), "-m", *job_argv], cwd=ROOT, env=venv_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: ready() or job.poll() is not None, timeout, "the job to reach the point of the kill")
+        assert job.poll() is None, f"the job ended before it could be killed: {job.stderr.read().decode()[-2000:]}"
+        job.send_signal(signal.SIGKILL)
+        job.wait(10)
+    finally:
+        stop(job)
+        job.stderr.close()

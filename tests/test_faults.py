@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,21 +22,17 @@ from tests.scale_fixtures import (  # noqa: F401  (pytest fixtures)
     IMAGE_SIDE,
     JOB_FLAGS,
     PATCH,
-    ROOT,
     GcsServer,
     S3Server,
     checkpoints,
     free_port,
     gcs_server,
     image_files,
+    kill_midway,
     monkeypatch_module,
     put_files,
-    python,
     s3_server,
-    stop,
     tar_bytes,
-    venv_env,
-    wait_for,
     write_folder,
 )
 from tests.scale_fixtures import _forget_filesystems
@@ -196,18 +190,7 @@ def test_killed_job_never_looks_complete_and_a_rerun_repairs_it(checkpoints: tup
     inputs = write_folder(tmp_path / "in", image_files(20, broken=1))
     output = tmp_path / "out"
     argv = ["--input", str(inputs), "--output", str(output), "--segmenter-checkpoint", checkpoints[0], *JOB_FLAGS]
-    job = subprocess.Popen(
-        [python(), "-m", "pipelines.build_dataset", *argv], cwd=ROOT, env=venv_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        wait_for(lambda: _temporary_files(output) or job.poll() is not None, 120, "the job to start writing")
-        assert job.poll() is None, f"the job ended before it could be killed: {job.stderr.read().decode()[-2000:]}"
-        job.send_signal(signal.SIGKILL)
-        job.wait(10)
-    finally:
-        stop(job)
-        job.stderr.close()
+    kill_midway(["pipelines.build_dataset", *argv], lambda: _temporary_files(output), timeout=120)
 
     assert not (output / "manifest.json").exists()
     with pytest.raises(IncompleteDatasetError, match="Rerun it with --resume"):

@@ -3,8 +3,6 @@ changed run is refused. The resumed output must equal a one-shot run's, row for 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,13 +14,9 @@ from pipelines import build_dataset
 from pipelines.common import JobConfigError
 from tests.scale_fixtures import (  # noqa: F401  (pytest fixtures)
     JOB_FLAGS,
-    ROOT,
     checkpoints,
     image_files,
-    python,
-    stop,
-    venv_env,
-    wait_for,
+    kill_midway,
     write_folder,
 )
 
@@ -62,18 +56,7 @@ def test_a_killed_job_resumes_to_the_output_of_an_uninterrupted_run(
     argv = ["--input", str(inputs), "--output", str(output), *job_flags]
     # Worker processes finish bundles as they go, so a kill leaves some of them committed.
     workers = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
-    job = subprocess.Popen(
-        [python(), "-m", "pipelines.build_dataset", *argv, *workers], cwd=ROOT, env=venv_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        wait_for(lambda: _complete_face_file(output) or job.poll() is not None, 300, "a finished bundle")
-        assert job.poll() is None, f"the job ended before it could be killed: {job.stderr.read().decode()[-2000:]}"
-        job.send_signal(signal.SIGKILL)
-        job.wait(10)
-    finally:
-        stop(job)
-        job.stderr.close()
+    kill_midway(["pipelines.build_dataset", *argv, *workers], lambda: _complete_face_file(output))
     assert not (output / "manifest.json").exists()
 
     resumed = build_dataset.run(argv + ["--resume"])
