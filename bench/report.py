@@ -1,7 +1,7 @@
 """The benchmark's JSON as a Markdown report (bench/RESULTS.md)."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 STAGE_NOTES = {
     "read": "file bytes",
@@ -13,6 +13,9 @@ STAGE_NOTES = {
     "encode": "patch PNG + mask PNG (build); lesions to verdicts, rows (score)",
     "write": "Arrow tables, Parquet",
 }
+
+# Written by bench.resume; bench.throughput keeps it when it rewrites the report.
+RESUME_SECTION = "Kill and resume"
 
 GPU_NOTES = """\
 ## On a GPU (not measured: no GPU on this machine)
@@ -218,3 +221,24 @@ def _levers(levers: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     parts.append(_ms_table("Batch size", inf["batch_size_ms_per_item"], "image or patch",
                            _families("batch {}", 8, 64)))
     return "\n".join(parts)
+
+
+def section_of(text: str, title: str) -> Optional[str]:
+    """The body of ``text``'s ``## title`` section, or None."""
+    head = f"## {title}\n"
+    if head not in text:
+        return None
+    body = text.split(head, 1)[1]
+    return body.split("\n## ", 1)[0].strip("\n") + "\n"
+
+
+def replace_section(text: str, title: str, body: str) -> str:
+    """``text`` with its ``## title`` section set to ``body``; a new one goes before "How to run"."""
+    head = f"## {title}\n"
+    old = section_of(text, title)
+    if old is not None:
+        start = text.index(head)
+        end = text.find("\n## ", start + len(head))
+        return text[:start] + head + "\n" + body + ("\n" + text[end + 1 :] if end >= 0 else "")
+    at = text.index("## How to run")
+    return text[:at] + head + "\n" + body + "\n" + text[at:]

@@ -488,7 +488,7 @@ def median_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    from bench.report import markdown
+    from bench.report import RESUME_SECTION, markdown, replace_section, section_of
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="N, images per run (default: %(default)s).")
@@ -522,7 +522,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.json:
         Path(args.json).write_text(text + "\n")
     if args.markdown != "-":
-        Path(args.markdown).write_text(markdown(result))
+        path = Path(args.markdown)
+        kept = section_of(path.read_text(), RESUME_SECTION) if path.exists() else None
+        text = markdown(result)
+        path.write_text(replace_section(text, RESUME_SECTION, kept) if kept else text)
         log.info("report written to %s", args.markdown)
     for row in result["targets"]:
         log.info("%s %-70s %s", "MET " if row["met"] else "MISS", row["target"], _fmt(row["value"]))

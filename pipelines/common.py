@@ -175,8 +175,7 @@ def finish_job(
     run: RunStart,
 ) -> None:
     """Append the last steps: write every outcome, then the checked manifest."""
-    outcomes = outputs.outcomes | "AllOutcomes" >> beam.Flatten()
-    outcome_files = outcomes | "WriteOutcomes" >> WriteOutcomes(config.output, run.run)
+    outcome_files, outcomes = tuple(outputs.outcomes) | "WriteOutcomes" >> WriteOutcomes(config.output, run.run)
     files = (*outputs.files, outcome_files) | "CommittedFiles" >> beam.Flatten()
     base = {
         "job": job,

@@ -39,6 +39,8 @@ both checkpoints' hashes; status 'no_skin' when no usable skin was found. Failur
 OUTPUT/errors/, every input's fate to OUTPUT/faces/, and manifest.json comes last."""
 
 PROG = "python -m pipelines.score"
+# Patch score rows are a few dozen bytes: a file every 1024 (some 60 faces) keeps their count down.
+PATCH_SCORE_ROWS_PER_FILE = 1024
 OPTION_GROUPS = [add_input_flags, add_segment_flags, add_patch_flags, add_score_flags, add_output_flags]
 
 
@@ -73,15 +75,18 @@ def build(
     scored, classify_failed = patched | "Classify" >> ClassifyFaces(handler)
     skinless = tuple(skinless_parts) | "Skinless" >> beam.Flatten(pipeline=p)
     hashes = checkpoints["segmenter"]["sha256"], checkpoints["classifier"]["sha256"]
-    rows = (
-        scored | "ScoreRows" >> beam.Map(score_row, config.top_patches, *hashes),
-        skinless | "SkinlessRows" >> beam.Map(unscored_row, *hashes),
-    ) | "AllScoreRows" >> beam.Flatten()
     run = prepared.run.run
-    files = [rows | "WriteScores" >> WriteParquet(config.output, SCORES_DIR, SCORE_SCHEMA, run=run)]
+    # Scored and skin-less rows go to scores/ by separate writers, each where its rows are made
+    # (see WriteOutcomes: a Flatten first would hold every row back until the end on the DirectRunner).
+    files = [
+        scored | "ScoreRows" >> beam.Map(score_row, config.top_patches, *hashes)
+        | "WriteScores" >> WriteParquet(config.output, SCORES_DIR, SCORE_SCHEMA, run=run, name="scored"),
+        skinless | "SkinlessRows" >> beam.Map(unscored_row, *hashes)
+        | "WriteSkinlessScores" >> WriteParquet(config.output, SCORES_DIR, SCORE_SCHEMA, run=run, name="no_skin"),
+    ]
     if config.patch_table:
         files.append(scored | "PatchRows" >> beam.FlatMap(patch_rows) | "WritePatchScores" >> WriteParquet(
-            config.output, PATCH_SCORES_DIR, PATCH_SCORE_SCHEMA, run=run
+            config.output, PATCH_SCORES_DIR, PATCH_SCORE_SCHEMA, run=run, rows_per_file=PATCH_SCORE_ROWS_PER_FILE
         ))
     scored_outcomes = scored | "ScoredOutcomes" >> beam.Map(scored_outcome)
     return JobOutputs(inputs, [*failures, skinless, classify_failed, scored_outcomes], files)

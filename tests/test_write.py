@@ -6,6 +6,7 @@ from pathlib import Path
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from models.dataset import IncompleteDatasetError, read_parquet_dir, read_table, write_manifest
@@ -16,13 +17,15 @@ from transforms.sink import OutputError, WriteParquet, prepare_output
 SCHEMA = pa.schema([("image_id", pa.string()), ("n", pa.int32())])
 
 
-def test_every_row_is_written_exactly_once(tmp_path: Path, pipeline) -> None:
+def test_every_row_is_written_exactly_once_in_files_closed_as_they_fill(tmp_path: Path, pipeline) -> None:
     rows = [{"image_id": f"{i:05d}", "n": i} for i in range(300)]
     with pipeline() as p:
-        p | beam.Create(rows) | WriteParquet(str(tmp_path), "faces", SCHEMA, rows_per_group=32)
+        p | beam.Create(rows) | WriteParquet(str(tmp_path), "faces", SCHEMA, rows_per_group=32, rows_per_file=100)
     finish(str(tmp_path), {"accounting": {"ok": True}})
     table = read_parquet_dir(str(tmp_path / "faces"), SCHEMA)
     assert sorted(table.to_pylist(), key=lambda r: r["n"]) == rows
+    files = sorted((tmp_path / "faces").glob("*.parquet"))
+    assert len(files) >= 3 and all(pq.ParquetFile(f).metadata.num_rows <= 100 for f in files)
     assert all(f.name.startswith("part-") for f in (tmp_path / "faces").iterdir())
     assert not (tmp_path / "_temporary").exists()
 
@@ -57,8 +60,8 @@ def test_finish_writes_a_manifest_that_flags_unbalanced_books(tmp_path: Path, pi
     with pipeline() as p:
         inputs = p | "Inputs" >> beam.Create([3])
         written = p | "Outcomes" >> beam.Create(outcomes)
-        files = written | WriteOutcomes(str(tmp_path))
-        (inputs, written, files) | Finish(str(tmp_path), {"job": "test"}, [], min_face_skin=0.15)
+        files, counted = (written,) | WriteOutcomes(str(tmp_path))
+        (inputs, counted, files) | Finish(str(tmp_path), {"job": "test"}, [], min_face_skin=0.15)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["accounting"] == {
         "inputs": 3, "kept": 1, "filtered": 0, "failed": 1, "patches": 4, "outcome_rows": 2, "ok": False,

@@ -69,24 +69,32 @@ class CountOutcomes(beam.DoFn):
 
 
 class WriteOutcomes(beam.PTransform):
-    """Outcomes -> ``faces/`` (every input) and ``errors/`` (the failed ones), counted once each."""
+    """Branches of Outcomes -> (committed files of ``faces/`` (every input) and ``errors/`` (the failed
+    ones), every outcome counted once).
+
+    Each branch is written where it is produced. Written after a Flatten, the rows would wait for
+    every branch's producer to finish (the DirectRunner materialises a Flatten's inputs), and a
+    killed job would leave no outcome rows for ``--resume`` to keep.
+    """
 
     def __init__(self, root: str, run: int = 1):
         super().__init__()
         self._root, self._run = root, run
 
-    def expand(self, outcomes: beam.PCollection) -> beam.PCollection:
-        counted = outcomes | "Count" >> beam.ParDo(CountOutcomes())
-        faces = counted | "FaceRows" >> beam.Map(outcome_row) | "WriteFaces" >> WriteParquet(
-            self._root, FACES_DIR, OUTCOME_SCHEMA, run=self._run
-        )
-        errors = (
-            counted
-            | "OnlyFailed" >> beam.Filter(lambda o: o.status == FAILED)
-            | "ErrorRows" >> beam.Map(error_row)
-            | "WriteErrors" >> WriteParquet(self._root, ERRORS_DIR, ERROR_SCHEMA, run=self._run)
-        )
-        return (faces, errors) | "OutcomeFiles" >> beam.Flatten()
+    def expand(self, branches: Sequence[beam.PCollection]) -> tuple[beam.PCollection, beam.PCollection]:
+        counted = branches | "AllOutcomes" >> beam.Flatten() | "Count" >> beam.ParDo(CountOutcomes())
+        files = []
+        for i, branch in enumerate(branches):
+            files.append(branch | f"FaceRows{i}" >> beam.Map(outcome_row) | f"WriteFaces{i}" >> WriteParquet(
+                self._root, FACES_DIR, OUTCOME_SCHEMA, run=self._run, name=f"b{i:02d}"
+            ))
+            files.append(
+                branch
+                | f"OnlyFailed{i}" >> beam.Filter(lambda o: o.status == FAILED)
+                | f"ErrorRows{i}" >> beam.Map(error_row)
+                | f"WriteErrors{i}" >> WriteParquet(self._root, ERRORS_DIR, ERROR_SCHEMA, run=self._run, name=f"b{i:02d}")
+            )
+        return files | "OutcomeFiles" >> beam.Flatten(), counted
 
 
 def row_counts(root: str, subdirs: Iterable[str]) -> dict[str, int]:

@@ -1,7 +1,9 @@
 """Sink: rows -> Parquet files through storage, each row exactly once.
 
 Each bundle writes its rows to ``_temporary/`` and only the bundles that committed are
-renamed into place, so a retried bundle never leaves a duplicate row.
+renamed into place, so a retried bundle never leaves a duplicate row. A bundle closes a file
+every ``rows_per_file`` rows: a runner may hand one worker a long bundle (the DirectRunner gives
+each worker its whole share), and closed files are what ``--resume`` can keep after a kill.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from models.dataset import MANIFEST, join
 from transforms.storage import bucket_refusal, has_entries, makedirs, move, open_file, remove
 
 TEMP_DIR = "_temporary"
+# Tables with one row per face close a file every 128 faces: the most a kill can lose per writer.
+FACE_ROWS_PER_FILE = 128
 
 
 class OutputError(ValueError):
@@ -82,31 +86,50 @@ class RowGroupWriter:
 
 
 class _WriteBundles(beam.DoFn):
-    """Rows -> one temporary Parquet file per bundle; yields the files it committed."""
+    """Rows -> temporary Parquet files, a new one every ``rows_per_file`` rows; yields a bundle's files
+    once it commits."""
 
-    def __init__(self, root: str, subdir: str, schema: pa.Schema, rows_per_group: int, compression: str):
+    def __init__(self, root: str, subdir: str, schema: pa.Schema, rows_per_group: int, compression: str,
+                 rows_per_file: int):
         self._root, self._subdir, self._schema = root, subdir, schema
         self._rows_per_group = rows_per_group
         self._compression = compression
+        self._rows_per_file = rows_per_file
 
     def start_bundle(self) -> None:
+        self._closed: list[str] = []
+        self._open_file()
+
+    def _open_file(self) -> None:
         path = join(self._root, TEMP_DIR, self._subdir, f"{uuid.uuid4().hex}.parquet")
         self._sink = RowGroupWriter(path, self._schema, self._rows_per_group, self._compression)
+        self._rows = 0
+
+    def _close_file(self) -> None:
+        if self._sink.close():
+            self._closed.append(self._sink.path)
 
     def process(self, row: Mapping[str, Any]) -> None:
         self._sink.add([row])
+        self._rows += 1
+        if self._rows >= self._rows_per_file:
+            self._close_file()
+            self._open_file()
 
     def finish_bundle(self) -> Iterator[Any]:
-        if self._sink.close():
-            yield GlobalWindows.windowed_value(self._sink.path)
+        self._close_file()
+        for path in self._closed:
+            yield GlobalWindows.windowed_value(path)
 
 
-def _commit(temp_paths: Sequence[str], root: str, subdir: str, run: int) -> list[str]:
-    """Rename the committed temporary files to ``part-rRR-XXXXX-of-YYYYY.parquet``: run RR's files."""
+def _commit(temp_paths: Sequence[str], root: str, subdir: str, run: int, name: str) -> list[str]:
+    """Rename the committed temporary files to ``part-rRR[-NAME]-XXXXX-of-YYYYY.parquet``: run RR's files
+    (NAME tells apart the writers that share a table)."""
     makedirs(join(root, subdir))
     final = []
+    stem = f"part-r{run:02d}" + (f"-{name}" if name else "")
     for i, temp in enumerate(sorted(temp_paths)):
-        target = join(root, subdir, f"part-r{run:02d}-{i:05d}-of-{len(temp_paths):05d}.parquet")
+        target = join(root, subdir, f"{stem}-{i:05d}-of-{len(temp_paths):05d}.parquet")
         move(temp, target)
         final.append(target)
     return final
@@ -116,16 +139,16 @@ class WriteParquet(beam.PTransform):
     """Dict rows -> Parquet files under ``root/subdir`` with ``schema``, named for the ``run`` that wrote them."""
 
     def __init__(self, root: str, subdir: str, schema: pa.Schema, rows_per_group: int = 256, compression: str = "zstd",
-                 run: int = 1):
+                 run: int = 1, rows_per_file: int = FACE_ROWS_PER_FILE, name: str = ""):
         super().__init__()
-        self._root, self._subdir, self._run = root, subdir, run
-        self._fn = _WriteBundles(root, subdir, schema, rows_per_group, compression)
+        self._root, self._subdir, self._run, self._name = root, subdir, run, name
+        self._fn = _WriteBundles(root, subdir, schema, rows_per_group, compression, rows_per_file)
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
-        root, subdir, run = self._root, self._subdir, self._run
+        root, subdir, run, name = self._root, self._subdir, self._run, self._name
         return (
             rows
             | "WriteBundles" >> beam.ParDo(self._fn)
             | "CollectFiles" >> beam.combiners.ToList()
-            | "Commit" >> beam.Map(_commit, root, subdir, run)
+            | "Commit" >> beam.Map(_commit, root, subdir, run, name)
         )
