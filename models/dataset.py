@@ -15,6 +15,7 @@ Layout under a job's ``--output``::
                                      (clear and each grade, summing to 1), the top patches
     patch_scores/part-*.parquet      PATCH_SCORE_SCHEMA (score --patch-table)
     manifest.json                    written last; its presence marks the output complete
+    _run.json                        the job, arguments and checkpoint hashes a --resume must match
 """
 from __future__ import annotations
 
