@@ -297,3 +297,31 @@ def test_a_clear_face_stays_clear_at_half_resolution(shared_data: Path, tmp_path
     cv2.imwrite(str(tmp_path / "in" / "half.png"), cv2.resize(bgr, (512, 512), interpolation=cv2.INTER_AREA))
     got = _verdicts([tmp_path / "in" / "full.jpg", tmp_path / "in" / "half.png"], tmp_path / "out")
     assert got == {"full": ("scored", "clear", None), "half": ("scored", "clear", None)}
+
+
+def test_resume_scores_only_the_files_added_since_and_matches_a_one_shot_run(
+    sample_dir: Path, sample_scores: tuple[Path, dict], untrained_classifier: str, tmp_path: Path
+) -> None:
+    files = sorted(p for p in sample_dir.rglob("*") if p.is_file())
+    archive = tmp_path / "archive"
+    for path in files[: len(files) // 2]:
+        (archive / path.relative_to(sample_dir)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, archive / path.relative_to(sample_dir))
+    argv = ["--input", str(archive), "--output", str(tmp_path / "scores"), "--patch-table",
+            "--classifier-checkpoint", untrained_classifier, "--torch-threads", "1"]
+    first = run(argv)
+    for path in files[len(files) // 2 :]:
+        (archive / path.relative_to(sample_dir)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, archive / path.relative_to(sample_dir))
+    resumed = run(argv + ["--resume"])
+
+    assert resumed["runs"][1]["carried_images"] == first["accounting"]["inputs"]
+    assert resumed["accounting"]["inputs"] == len(files) and resumed["accounting"]["ok"]
+    one_shot, _ = sample_scores
+    columns = ["image_id", "status", "verdict", "severity", "patches_used"]
+    for table, order in ((SCORES_DIR, "image_id"), (FACES_DIR, "image_id")):
+        cols = columns if table == SCORES_DIR else ["image_id", "status", "stage", "patch_count"]
+        mine = read_table(str(tmp_path / "scores"), table, cols).sort_by(order).to_pylist()
+        assert mine == read_table(str(one_shot), table, cols).sort_by(order).to_pylist()
+    patch_ids = read_table(str(tmp_path / "scores"), PATCH_SCORES_DIR, ["patch_id"]).column(0).to_pylist()
+    assert sorted(patch_ids) == sorted(read_table(str(one_shot), PATCH_SCORES_DIR, ["patch_id"]).column(0).to_pylist())
