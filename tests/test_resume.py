@@ -94,6 +94,10 @@ def test_resume_on_a_grown_input_processes_only_the_new_images(checkpoints: tupl
     assert sorted(faces) == [f"{i:05d}" for i in range(5)]
     assert manifest["accounting"]["ok"] and manifest["accounting"]["inputs"] == 5
 
+    again = build_dataset.run(argv + ["--resume"])
+    assert [r["run"] for r in again["runs"]] == [1, 2, 3] and again["runs"][:2] == runs
+    assert again["runs"][2]["carried_images"] == 5 and again["runs"][2]["files"] == []
+
 
 def test_resume_refuses_a_run_that_differs_from_the_first(checkpoints: tuple[str, str], tmp_path: Path) -> None:
     inputs = write_folder(tmp_path / "in", image_files(2, broken=0))

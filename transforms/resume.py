@@ -66,7 +66,8 @@ def start_run(root: str, record: Mapping[str, Any], resume: bool, families: Fami
     refuse_changes(previous, record, root)
     runs = _finished_runs(root, previous["runs"])
     run = runs[-1]["run"] + 1
-    _write_run_record(root, {**record, "runs": [*previous["runs"], {"run": run, **started}]})
+    # The finished runs' records move from the manifest into _run.json before the manifest goes.
+    _write_run_record(root, {**record, "runs": [*runs, {"run": run, **started}]})
     remove(join(root, MANIFEST))  # the output is incomplete again until this run finishes
     done, carried = salvage(root, families, run - 1)
     _write_done_list(root, done)
@@ -107,13 +108,13 @@ def _write_run_record(root: str, record: Mapping[str, Any]) -> None:
 
 
 def _finished_runs(root: str, started: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each earlier run as the manifest recorded it, or as started if it never finished."""
+    """Each earlier run as the manifest (or an earlier resume) recorded it, or as started if it never finished."""
     path = join(root, MANIFEST)
     finished = {}
     if is_file(path):
         with open_file(path, "rt") as f:
             finished = {r["run"]: r for r in json.load(f).get("runs", [])}
-    return [finished.get(r["run"], {**r, "finished": False}) for r in started]
+    return [finished.get(r["run"], r if "finished" in r else {**r, "finished": False}) for r in started]
 
 
 def _readable(uri: str) -> Optional[pq.ParquetFile]:
