@@ -17,9 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 import apache_beam as beam
 
 from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR, read_manifest
-from pipelines.common import (
-    JobConfigError, JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start,
-)
+from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start
 from pipelines.config import ScoreConfig
 from pipelines.options import (
     add_input_flags, add_output_flags, add_patch_flags, add_score_flags, add_segment_flags, parse,
@@ -59,7 +57,7 @@ def build(
 ) -> JobOutputs:
     """Compose the job's stages on ``p``."""
     if is_patch_dataset(config.input[0]):
-        patched, read_failed, inputs = p | "ReadPatchDataset" >> ReadPatchDataset(config.input[0])
+        patched, read_failed, inputs = p | "ReadPatchDataset" >> ReadPatchDataset(config.input[0], prepared.run.done_list)
         failures, skinless_parts = [read_failed], []
     else:
         segmented, failures, inputs = segmented_faces(p, config, prepared)
@@ -103,8 +101,6 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
     flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
     config = ScoreConfig.from_flags(flags)
-    if config.resume and is_patch_dataset(config.input[0]):
-        raise JobConfigError("--resume does not apply to rescoring a patch dataset: rerun it with --overwrite")
     prepared = prepare(config, options)
     checkpoints = {
         "segmenter": segmenter_of(config, prepared),

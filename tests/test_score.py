@@ -141,7 +141,7 @@ def test_an_invalid_verdict_threshold_is_refused(tmp_path: Path, sample_dir: Pat
     assert not (tmp_path / "out").exists()
 
 
-def test_an_existing_patch_dataset_is_rescored_without_resegmenting(
+def test_an_existing_patch_dataset_is_rescored_without_resegmenting_and_resumed(
         sample_dataset, untrained_classifier: str, tmp_path: Path) -> None:
     dataset, built = sample_dataset
     manifest = run(["--input", str(dataset), "--output", str(tmp_path / "scores"),
@@ -152,6 +152,12 @@ def test_an_existing_patch_dataset_is_rescored_without_resegmenting(
     assert scores.set_index("image_id").patches_used.to_dict() == kept.set_index("image_id").patch_count.to_dict()
     assert manifest["checkpoints"]["segmenter"] == built["checkpoints"]["segmenter"]
     assert (scores.verdict == "clear").all()
+
+    again = run(["--input", str(dataset), "--output", str(tmp_path / "scores"),
+                 "--classifier-checkpoint", untrained_classifier, "--resume"])
+    assert again["runs"][1]["carried_images"] == manifest["accounting"]["inputs"] == again["accounting"]["inputs"]
+    assert again["runs"][1]["files"] == [] and again["accounting"]["ok"]
+    assert read_table(str(tmp_path / "scores"), SCORES_DIR).to_pandas().equals(scores)
 
 
 def test_rescoring_shuffles_row_refs_and_reads_image_bytes_only_after_grouping(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import cv2
@@ -23,6 +23,7 @@ from apache_beam.metrics import Metrics
 
 from models.dataset import MANIFEST, PATCHES_DIR, join
 from transforms.records import OUTCOME, ImageRecord, Outcome, Patch
+from transforms.resume import SkipDone
 from transforms.storage import find_files, is_dir, is_file, open_exact
 
 STAGE = "read"
@@ -128,22 +129,25 @@ def _patch(row: dict[str, Any]) -> Patch:
 class ReadPatchDataset(beam.PTransform):
     """A build_dataset output -> (faces with patches, failed Outcomes, the number of faces read)."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, done_list: Optional[str] = None):
         super().__init__()
-        self._uri = uri
+        self._uri, self._done_list = uri, done_list
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
-        faces = (
+        planned = (
             pbegin
             | "PatchFiles" >> beam.Create(patch_files(self._uri))
             | "SpreadFiles" >> beam.Reshuffle()
             | "PlanRows" >> beam.FlatMap(plan_faces).with_output_types(PLANNED)
             | "GroupByFace" >> beam.GroupByKey()
+        )
+        inputs = planned | "CountInputs" >> beam.combiners.Count.Globally()
+        if self._done_list:
+            planned = planned | "SkipDone" >> beam.ParDo(SkipDone(self._done_list))
+        faces = (
+            planned
             | "KeyByRowGroup" >> beam.MapTuple(by_first_unit).with_output_types(KEYED_FACES)
             | "GroupByRowGroup" >> beam.GroupByKey()
             | "ReadFaces" >> beam.ParDo(_ReadFaces()).with_outputs(OUTCOME, main="faces")
         )
-        inputs = faces.faces | "CountFaces" >> beam.combiners.Count.Globally()
-        failed_n = faces[OUTCOME] | "CountFailed" >> beam.combiners.Count.Globally()
-        total = (inputs, failed_n) | "BothCounts" >> beam.Flatten() | "CountInputs" >> beam.CombineGlobally(sum)
-        return faces.faces, faces[OUTCOME], total
+        return faces.faces, faces[OUTCOME], inputs

@@ -225,7 +225,11 @@ def _write_done_list(root: str, done: set[Image]) -> None:
 
 
 class SkipDone(beam.DoFn):
-    """Drops refs and outcomes of images an earlier run finished; the list is read on the worker."""
+    """Drops what an earlier run finished; the list is read on the worker.
+
+    Refs and outcomes match by id and source (duplicate ids differ by source); a patch
+    dataset's ``(image_id, rows)`` faces match by id, which a dataset holds once.
+    """
 
     def __init__(self, done_list: str):
         self._uri = done_list
@@ -234,10 +238,11 @@ class SkipDone(beam.DoFn):
     def setup(self) -> None:
         with open_file(self._uri, "rb") as f:
             rows = pq.read_table(f).to_pylist()
-        self._done = {(r["image_id"], r["source_uri"]) for r in rows}
+        self._done = {(r["image_id"], r["source_uri"]) for r in rows} | {r["image_id"] for r in rows}
 
     def process(self, element: Any) -> Iterator[Any]:
-        if (element.image_id, element.source_uri) in self._done:
+        key = element[0] if isinstance(element, tuple) else (element.image_id, element.source_uri)
+        if key in self._done:
             self.skipped.inc()
             return
         yield element
