@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bench.inputs import make_inputs
-from tests.tfrecords import face, frame
+from bench.tfrecords import face, frame
 from transforms.decode import decode_image, raw_image
 from transforms.tfrecord import example_pixels, unframe
 

@@ -16,7 +16,7 @@ from PIL import Image
 from models.dataset import FACES_DIR, read_patches, read_table
 from pipelines.build_dataset import run
 from tests.images import random_rgb
-from tests.tfrecords import example, face, frame, shard
+from bench.tfrecords import example, face, frame, shard
 from tests.test_storage import CountingStore, _put, store  # noqa: F401  (store is a fixture)
 from transforms.decode import DecodeError, DecodeImages, ImageTooLarge, raw_image
 from transforms.plan import plan_shard
