@@ -41,6 +41,9 @@ SCALES = {"acne04": (1.0, 0.5, 0.3), "deteksi": (1.0, 0.6), "celebahq": (1.0, 0.
 # Clear-skin sources never trained on, scored only by models.classifier.evaluate: lab portraits and FFHQ.
 HELD_OUT_CLEAR = {"fasseg_frontal": "skin/fasseg_frontal/images", "fasseg_multipose": "skin/fasseg_multipose/images",
                   "ffhq": "ffhq"}
+# build_dataset's --min-face-skin per source (default 0.15 elsewhere): Pratheepan's family and
+# group photos hold faces that cover a few percent of the frame, which score still judges (0.02).
+MIN_FACE_SKIN = {"pratheepan": 0.02}
 SEVERITY_LABELS = {"0": "mild", "1": "moderate", "2": "severe", "3": "very_severe"}
 CLEAR, ACNE = "clear", "acne"
 VALID_SHARE = 0.2
@@ -188,12 +191,13 @@ def write_source(photos: Sequence[Photo], out: Path, scale: float) -> None:
             writer.writerows(sorted(labelled))
 
 
-def build_command(folder: Path, dataset: Path) -> str:
+def build_command(folder: Path, dataset: Path, source: str) -> str:
     splits = sorted(p.name for p in folder.iterdir() if p.is_dir())
     fixed = "test" if splits == ["eval"] else "path"
+    face_skin = f"--min-face-skin {MIN_FACE_SKIN[source]} " if source in MIN_FACE_SKIN else ""
     return (f"python -m pipelines.build_dataset --input {' '.join(str(folder / s) for s in splits)} "
             f"--labels-csv {' '.join(str(folder / s / 'labels.csv') for s in splits)} --id-column image --voc-annotations "
-            f"--patch-size 128 --min-patch-skin 0.2 --split {fixed} --output {dataset} --overwrite")
+            f"--patch-size 128 --min-patch-skin 0.2 {face_skin}--split {fixed} --output {dataset} --overwrite")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -207,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_source(photos, folder, scale)
             counts = {s: sum(p.split == s for p in photos) for s in sorted({p.split for p in photos})}
             log.info("%s: %s", folder, counts)
-            print(build_command(folder, args.output / "datasets" / folder.name))
+            print(build_command(folder, args.output / "datasets" / folder.name, source))
 
 
 if __name__ == "__main__":
