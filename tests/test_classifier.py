@@ -198,3 +198,18 @@ def test_an_old_format_config_is_refused_with_a_message_to_retrain(tmp_path: Pat
                  patch_output="count", evidence_slopes=[0, 1, 2, 3])
     with pytest.raises(CheckpointError, match="no acne_slope.*Retrain it with python -m models.classifier.train"):
         Classifier.load(str(ckpt))
+
+
+def test_patches_under_the_lesion_floor_count_no_lesions() -> None:
+    """Faint rates on many clear patches (wrinkles, stubble) must not add up to a lesion."""
+    faint = np.full(30, 0.1)
+    assert _classifier().judge(faint).lesion_count == pytest.approx(3.0)
+    floored = _classifier(patch_lesion_floor=0.1)
+    assert floored.judge(faint).lesion_count == 0.0
+    assert floored.judge(faint).verdict == "clear"
+    assert floored.judge(np.array([0.1, 2.1, 3.1])).lesion_count == pytest.approx(5.0)
+
+
+def test_a_negative_lesion_floor_is_refused() -> None:
+    with pytest.raises(CheckpointError, match="patch_lesion_floor"):
+        ClassifierConfig.from_dict(dict(ClassifierConfig.untrained().to_dict(), patch_lesion_floor=-1))

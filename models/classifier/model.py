@@ -1,8 +1,9 @@
 """The acne classifier: a timm lesion counter, the config that drives it, and the face verdict.
 
 A face is judged from its skin patches (Quattrini et al. 2022). The network predicts how many
-acne lesions each patch holds; the face's ``lesion_count`` is their sum. Everything a user
-reads follows from that one number:
+acne lesions each patch holds; the face's ``lesion_count`` is their sum, less a small
+per-patch floor (``patch_lesion_floor``) that clear skin texture stays under. Everything a
+user reads follows from that one number:
 
 * ``acne_probability`` = sigmoid(acne_slope · log(1 + lesion_count) + acne_bias), calibrated
   on validation faces;
@@ -65,6 +66,9 @@ class ClassifierConfig:
     acne_slope: float = 1.0
     acne_bias: float = 0.0
     verdict_threshold: float = 0.5
+    # Expected lesions a patch may hold and still count none: a 1024² face has ~25 patches, and
+    # wrinkles or stubble give each a small rate that would otherwise add up to a lesion or two.
+    patch_lesion_floor: float = 0.0
     severity_slopes: tuple[float, ...] = ()
     severity_bias: tuple[float, ...] = ()
     label_map: dict[str, str] = field(default_factory=dict)
@@ -98,6 +102,7 @@ class ClassifierConfig:
                     "acne_slope": float(cfg.acne_slope),
                     "acne_bias": float(cfg.acne_bias),
                     "verdict_threshold": float(cfg.verdict_threshold),
+                    "patch_lesion_floor": float(cfg.patch_lesion_floor),
                     "severity_slopes": tuple(float(v) for v in cfg.severity_slopes),
                     "severity_bias": tuple(float(v) for v in cfg.severity_bias),
                 }
@@ -125,6 +130,8 @@ class ClassifierConfig:
             out.append(f"acne_slope must be positive (more lesions, more acne), got {self.acne_slope}")
         if not 0.0 < self.verdict_threshold < 1.0:
             out.append(f"verdict_threshold must lie in (0, 1), got {self.verdict_threshold}")
+        if not (math.isfinite(self.patch_lesion_floor) and self.patch_lesion_floor >= 0):
+            out.append(f"patch_lesion_floor must be zero or more, got {self.patch_lesion_floor}")
         if len(self.severity_slopes) != n or len(self.severity_bias) != n:
             out.append(f"severity_slopes and severity_bias need {n} values (one per grade)")
         return out
@@ -168,6 +175,11 @@ def acne_probability(lesions: np.ndarray | float, slope: float, bias: float) -> 
     """sigmoid(slope · log(1 + lesions) + bias), elementwise."""
     z = slope * np.log1p(np.maximum(np.asarray(lesions, np.float64), 0.0)) + bias
     return 1.0 / (1.0 + np.exp(-z))
+
+
+def face_lesion_count(patch_lesions: np.ndarray, floor: float) -> float:
+    """A face's lesions: the sum over its patches of what each holds above ``floor``."""
+    return float(np.maximum(np.asarray(patch_lesions, np.float64) - floor, 0.0).sum())
 
 
 def severity_probs(lesions: float, slopes: Sequence[float], bias: Sequence[float]) -> np.ndarray:
@@ -214,7 +226,7 @@ class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, b
         if patch_lesions.ndim != 1 or len(patch_lesions) == 0:
             raise ValueError(f"judge needs the expected lesions of at least one patch, got shape {patch_lesions.shape}")
         cfg = self.cfg
-        total = float(patch_lesions.sum())
+        total = face_lesion_count(patch_lesions, cfg.patch_lesion_floor)
         prob = float(acne_probability(total, cfg.acne_slope, cfg.acne_bias))
         grades = severity_probs(total, cfg.severity_slopes, cfg.severity_bias)
         is_acne = prob >= (cfg.verdict_threshold if threshold is None else threshold)

@@ -7,8 +7,8 @@ of faces with VOC boxes carry their counts, patches of faces labelled ``clear`` 
 lesions, and faces with a severity grade also train one grade logit per patch (an auxiliary
 signal). Every epoch is scored on the ``validation`` split of every dataset: the acne
 probability is calibrated there (a logistic in log(1 + lesions), each source weighted
-alike), the verdict threshold is the one whose worst per-source rate is best, and the
-severity curve is fitted on graded train faces. The epoch kept is the best on binary
+alike), the per-patch lesion floor and then the verdict threshold are the ones whose worst
+per-source rate is best, and the severity curve is fitted on graded train faces. The epoch kept is the best on binary
 macro-F1 plus a quarter of the severity macro-F1.
 
 Datasets are named ``NAME=PATH`` or after their folder; ``acne04@0.5`` is the source
@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 # Weight of the severity macro-F1 next to the binary macro-F1 when epochs are compared: the
 # verdict is the question, the grade comes second.
 SEVERITY_SELECTION_WEIGHT = 0.25
+# Candidate per-patch lesion floors, tried at every calibration (see ClassifierConfig).
+PATCH_LESION_FLOORS = (0.0, 0.05, 0.1, 0.2, 0.3)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -314,32 +316,46 @@ class Trainer:
             seen += len(idx)
         return total / max(seen, 1)
 
-    def _face_lesions(self, data: PatchSet, faces: np.ndarray | None = None) -> np.ndarray:
-        """Predicted lesion totals per face (of ``faces`` only, when given; others are 0)."""
+    def _patch_lesions(self, data: PatchSet, faces: np.ndarray | None = None) -> np.ndarray:
+        """Predicted lesions per patch (of ``faces`` only, when given; others are 0)."""
         clf = Classifier(self.network, self.cfg, device=str(self.device))
         rows = np.arange(len(data)) if faces is None else np.nonzero(np.isin(data.face, faces))[0]
         per_patch = np.zeros(len(data))
         per_patch[rows] = clf.lesions_from_outputs(clf.forward_patches(list(data.pixels[rows])))
         self.network.train()
-        return face_totals(per_patch, data)
+        return per_patch
+
+    def _fit_verdict(self, val_patches: np.ndarray, floor: float) -> dict[str, Any]:
+        """Calibration, threshold and binary report of the validation faces at one patch floor."""
+        totals = face_totals(np.maximum(val_patches - floor, 0.0), self.val)
+        known = self.verdict_val >= 0
+        sources = np.asarray(self.val.face_sources)
+        slope, bias = fit_acne_calibration(totals[known], self.verdict_val[known], sources[known])
+        probs = acne_probability(totals, slope, bias)
+        threshold = choose_threshold(probs[known], self.verdict_val[known], sources[known])
+        binary = binary_verdict_report(self.verdict_val[known], probs[known], threshold, sources[known],
+                                       self.cfg.verdicts)
+        return {"floor": floor, "totals": totals, "slope": slope, "bias": bias, "threshold": threshold,
+                "binary": binary}
 
     def evaluate(self, calibration_faces: int) -> dict[str, Any]:
-        """Calibrate on this epoch's outputs and score the validation faces."""
+        """Calibrate on this epoch's outputs and score the validation faces.
+
+        The patch floor is chosen like the threshold: the one whose worst per-source rate is
+        best, then the best macro-F1; ties go to the lowest floor.
+        """
+        val_patches = self._patch_lesions(self.val)
+        fits = [self._fit_verdict(val_patches, floor) for floor in PATCH_LESION_FLOORS]
+        fit = max(fits, key=lambda f: (f["binary"]["worst_source_rate"], f["binary"]["macro_f1"]))
+        floor, totals, binary = fit["floor"], fit["totals"], fit["binary"]
         graded = np.nonzero((self.grade_train >= 0) & self.severity_faces)[0]
         if calibration_faces > 0:
             graded = np.sort(np.random.default_rng(self.args.seed).permutation(graded)[:calibration_faces])
-        train_totals = self._face_lesions(self.train, graded)[graded]
+        train_patches = self._patch_lesions(self.train, graded)
+        train_totals = face_totals(np.maximum(train_patches - floor, 0.0), self.train)[graded]
         slopes, bias = fit_severity(train_totals, self.grade_train[graded], len(self.cfg.classes))
-        totals = self._face_lesions(self.val)
-        known = self.verdict_val >= 0
-        sources = np.asarray(self.val.face_sources)
-        slope, acne_bias = fit_acne_calibration(totals[known], self.verdict_val[known], sources[known])
-        probs = acne_probability(totals, slope, acne_bias)
-        threshold = choose_threshold(probs[known], self.verdict_val[known], sources[known])
-        cfg = replace(self.cfg, acne_slope=slope, acne_bias=acne_bias, verdict_threshold=threshold,
-                      severity_slopes=tuple(slopes), severity_bias=tuple(bias))
-        binary = binary_verdict_report(self.verdict_val[known], probs[known], threshold, sources[known],
-                                       cfg.verdicts)
+        cfg = replace(self.cfg, acne_slope=fit["slope"], acne_bias=fit["bias"], verdict_threshold=fit["threshold"],
+                      patch_lesion_floor=floor, severity_slopes=tuple(slopes), severity_bias=tuple(bias))
         has_grade = self.grade_val >= 0
         predicted = np.array([int(np.argmax(severity_probs(t, slopes, bias))) for t in totals[has_grade]], np.int64)
         severity = classification_report(self.grade_val[has_grade], predicted, cfg.classes)
@@ -374,6 +390,7 @@ class Trainer:
                 "eval_seconds": round(time.time() - started - train_s, 1),
                 "val_face_lesion_mae": ev["val_face_lesion_mae"],
                 "binary": {k: ev["binary"][k] for k in ("macro_f1", "roc_auc", "threshold", "worst_source_rate")},
+                "patch_lesion_floor": ev["config"].patch_lesion_floor,
                 "severity": {k: round(ev["severity"][k], 4) for k in ("accuracy", "macro_f1")},
                 "score": round(ev["score"], 4),
             }
