@@ -37,9 +37,20 @@ PATCH_ROWS_PER_GROUP = 64
 PATCH_ROWS_PER_FILE = 16 * PATCH_ROWS_PER_GROUP
 
 PROG = "python -m pipelines.build_dataset"
+# --help shows the groups' sections in this order: input, segmentation, patches, output.
 OPTION_GROUPS = [
-    add_input_flags, add_segment_flags, add_patch_flags, add_encode_flags, add_split_flags, add_output_flags,
+    add_input_flags, add_segment_flags, add_patch_flags, add_output_flags, add_split_flags, add_encode_flags,
 ]
+EXAMPLES = f"""\
+  {PROG} --input runs/sample --output runs/local/dataset
+  {PROG} --input 'ffhq/images1024x1024/*/*.png' --output out/ffhq \\
+      --ffhq-metadata ffhq/ffhq-dataset-v2.json --split ffhq --direct_num_workers 2 --direct_running_mode multi_processing
+  {PROG} --input 'acne04/train/*.jpg' --labels-csv acne04/train/labels.csv --voc-annotations \\
+      --split path --output out/acne04
+  {PROG} --input 'gs://B/shards/*.tar' --output gs://B/datasets/run1 --runner DataflowRunner \\
+      --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py
+  {PROG} --input runs/sample --output runs/local/dataset --resume   # finish a killed run
+"""
 
 
 def patch_rows_of(face: Mapping[str, Any]) -> int:
@@ -72,7 +83,7 @@ def build(p: beam.Pipeline, config: DatasetConfig, prepared: Prepared) -> JobOut
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
-    flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
+    flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION, EXAMPLES)
     config = DatasetConfig.from_flags(flags)
     prepared = prepare(config, options)
     checkpoints = {"segmenter": {"uri": config.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}

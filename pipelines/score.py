@@ -39,7 +39,15 @@ OUTPUT/errors/, every input's fate to OUTPUT/faces/, and manifest.json comes las
 PROG = "python -m pipelines.score"
 # Patch score rows are a few dozen bytes: a file every 1024 (some 60 faces) keeps their count down.
 PATCH_SCORE_ROWS_PER_FILE = 1024
+# --help shows the groups' sections in this order: input, segmentation, patches, scoring, output.
 OPTION_GROUPS = [add_input_flags, add_segment_flags, add_patch_flags, add_score_flags, add_output_flags]
+EXAMPLES = f"""\
+  {PROG} --input runs/sample --output runs/local/scores
+  {PROG} --input runs/local/dataset --output runs/local/rescored   # rescore a dataset's patches
+  {PROG} --input 'archive/*.tar' --output out/scores --patch-table --verdict-threshold 0.3
+  {PROG} --input 'gs://B/archive/*.tar' --output gs://B/scores/run1 --device cuda --runner DataflowRunner \\
+      --project P --region R --temp_location gs://B/tmp --sdk_container_image IMAGE --sdk_location container
+"""
 
 
 def score_rows_of(face: Mapping[str, Any]) -> int:
@@ -99,7 +107,7 @@ def segmenter_of(config: ScoreConfig, prepared: Prepared) -> dict[str, str]:
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
-    flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
+    flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION, EXAMPLES)
     config = ScoreConfig.from_flags(flags)
     prepared = prepare(config, options)
     checkpoints = {

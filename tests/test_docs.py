@@ -1,6 +1,8 @@
 """The README documents what the code does: every flag of both jobs, and the two commands."""
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from pipelines import build_dataset, score
@@ -25,3 +27,20 @@ def test_readme_names_the_two_commands_and_ci_runs_the_test_one() -> None:
     readme = (REPO / "README.md").read_text()
     assert "./run_local.sh" in readme and "./run_tests.sh" in readme
     assert "./run_tests.sh" in (REPO / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("job", [build_dataset, score], ids=["build_dataset", "score"])
+def test_help_groups_the_flags_by_stage_and_ends_with_examples_that_parse(job) -> None:
+    parser = job_parser(job.OPTION_GROUPS, job.PROG, job.DESCRIPTION, job.EXAMPLES)
+    text = parser.format_help()
+    expected = ["input", "segmentation", "patches", *(["scoring"] if job is score else []), "output"]
+    headings = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert headings == ["options", *expected, "Beam flags", "examples"]
+    ungrouped = [a for a in parser._action_groups if a.title == "options"][0]._group_actions
+    assert [a.dest for a in ungrouped] == ["help"], "every job flag sits in a stage's section"
+    examples = text.split("\nexamples:\n")[1]
+    commands = [" ".join(shlex.split(c, comments=True)) for c in examples.replace("\\\n", " ").splitlines()]
+    assert len(commands) >= 3 and all(c.startswith(job.PROG + " ") for c in commands)
+    for command in commands:
+        flags, _ = parser.parse_known_args(shlex.split(command)[len(job.PROG.split()):])
+        assert flags.input and flags.output, command
