@@ -30,6 +30,7 @@ from models.dataset import (
 )
 from models.classifier import Classifier
 from models.segmenter import Segmenter
+from transforms.card import command
 from transforms.decode import DecodeImages
 from transforms.finish import Finish, WriteOutcomes, package_versions
 from transforms.plan import check_patterns
@@ -177,10 +178,12 @@ def finish_job(
     """Append the last steps: write every outcome, then the checked manifest."""
     outcome_files, outcomes = tuple(outputs.outcomes) | "WriteOutcomes" >> WriteOutcomes(config.output, run.run)
     files = (*outputs.files, outcome_files) | "CommittedFiles" >> beam.Flatten()
+    redacted = redact_argv(sys.argv[1:] if argv is None else list(argv))
     base = {
         "job": job,
         "arguments": config.arguments(),
-        "argv": redact_argv(sys.argv[1:] if argv is None else list(argv)),
+        "argv": redacted,
+        "command": command(job, redacted),
         "versions": package_versions(),
         "checkpoints": checkpoints,
     }
