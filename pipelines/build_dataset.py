@@ -10,6 +10,7 @@ row from there on, filtered or failed, carries it.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping, Optional, Sequence
 
 import apache_beam as beam
@@ -21,6 +22,7 @@ from pipelines.options import (
     add_encode_flags, add_input_flags, add_output_flags, add_patch_flags, add_segment_flags, add_split_flags, parse,
 )
 from transforms.patches import CutPatches, EncodePatchRows, FilterFaces
+from transforms.qa import BUILD_GROUPS, SampleFaces, build_ranks
 from transforms.records import KEPT
 from transforms.sink import WriteParquet
 from transforms.split import AssignSplit
@@ -69,6 +71,9 @@ def build(p: beam.Pipeline, config: DatasetConfig, prepared: Prepared) -> JobOut
     rows, kept = patched | "EncodePatches" >> EncodePatchRows(
         config.patch_format, config.jpeg_quality, config.png_compression, prepared.segmenter_sha256
     )
+    samples = segmented | "SampleFaces" >> SampleFaces(
+        partial(build_ranks, min_face_skin=config.min_face_skin), BUILD_GROUPS, tint_skin=True
+    )
     by_split = rows | "BySplit" >> beam.Partition(lambda row, n: SPLITS.index(row["split"]), len(SPLITS))
     files = [
         part | f"Write{name.title()}Patches" >> WriteParquet(
@@ -78,7 +83,7 @@ def build(p: beam.Pipeline, config: DatasetConfig, prepared: Prepared) -> JobOut
         )
         for name, part in zip(SPLITS, by_split)
     ]
-    return JobOutputs(inputs, [*failures, filtered, no_patch, kept], files)
+    return JobOutputs(inputs, [*failures, filtered, no_patch, kept], files, samples)
 
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:

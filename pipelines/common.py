@@ -138,11 +138,13 @@ def start(
 
 
 class JobOutputs(NamedTuple):
-    """What a job's graph hands to its finish: the input count, every outcome, the committed files."""
+    """What a job's graph hands to its finish: the input count, every outcome, the committed files, and the
+    faces sampled for the QA sheet (``transforms.qa.SampleFaces``)."""
 
     inputs: beam.PCollection
     outcomes: list[beam.PCollection]
     files: list[beam.PCollection]
+    samples: beam.PCollection
 
 
 def segmented_faces(
@@ -187,7 +189,7 @@ def finish_job(
         "versions": package_versions(),
         "checkpoints": checkpoints,
     }
-    (outputs.inputs, outcomes, files) | "Finish" >> Finish(config.output, base, tables, config.min_face_skin, run)
+    (outputs.inputs, outcomes, files, outputs.samples) | "Finish" >> Finish(config.output, base, tables, config.min_face_skin, run)
 
 
 def complete(result: Any, output: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pipelines.options import (
 )
 from transforms.classify import AcneClassifierHandler, ClassifyFaces, patch_rows, score_row, scored_outcome, unscored_row
 from transforms.patches import CutPatches, FilterFaces
+from transforms.qa import SCORE_GROUPS, SampleFaces, score_ranks
 from transforms.read_patches import ReadPatchDataset, is_patch_dataset
 from transforms.records import FILTERED, KEPT
 from transforms.sink import WriteParquet
@@ -95,7 +96,8 @@ def build(
             config.output, PATCH_SCORES_DIR, PATCH_SCORE_SCHEMA, run=run, rows_per_file=PATCH_SCORE_ROWS_PER_FILE
         ))
     scored_outcomes = scored | "ScoredOutcomes" >> beam.Map(scored_outcome)
-    return JobOutputs(inputs, [*failures, skinless, classify_failed, scored_outcomes], files)
+    samples = scored | "SampleFaces" >> SampleFaces(score_ranks, SCORE_GROUPS)
+    return JobOutputs(inputs, [*failures, skinless, classify_failed, scored_outcomes], files, samples)
 
 
 def segmenter_of(config: ScoreConfig, prepared: Prepared) -> dict[str, str]:

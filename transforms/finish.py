@@ -19,6 +19,7 @@ from apache_beam.metrics import Metrics
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, OUTCOME_SCHEMA, join, write_manifest
 from transforms.records import FAILED, FILTERED, KEPT, Outcome
 from transforms.card import write_card
+from transforms.qa import write_qa_sheet
 from transforms.report import write_report
 from transforms.resume import RunStart
 from transforms.sink import TEMP_DIR, WriteParquet
@@ -168,6 +169,7 @@ def finish(root: str, manifest: dict[str, Any]) -> None:
 def _write_manifest(
     _: None, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float, launched_at: float,
     start: RunStart, inputs: int, tally: Mapping[str, int], committed: Sequence[Sequence[str]],
+    samples: Sequence[tuple[str, Sequence[Any]]],
 ) -> dict[str, Any]:
     sizes = table_sizes(root, [FACES_DIR, ERRORS_DIR, *tables])
     rows = {table: n for table, (n, _) in sizes.items()}
@@ -192,21 +194,22 @@ def _write_manifest(
         "runs": [*start.runs, this_run],
         "report": write_report(root, base["job"], min_face_skin),
     }
+    manifest["qa"] = write_qa_sheet(root, base["job"], samples, books)
     manifest["card"] = write_card(root, manifest, tables, {table: size for table, (_, size) in sizes.items()})
     finish(root, manifest)
     return manifest
 
 
 class Finish(beam.PTransform):
-    """(input count, outcomes, committed file lists) -> the manifest, written once everything else is."""
+    """(input count, outcomes, committed file lists, QA samples) -> the manifest, written once everything else is."""
 
     def __init__(self, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float,
                  start: RunStart = RunStart(run=1)):
         super().__init__()
         self._args = (root, dict(base), list(tables), min_face_skin, time.time(), start)
 
-    def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection, beam.PCollection]) -> beam.PCollection:
-        inputs, outcomes, committed = pcolls
+    def expand(self, pcolls: tuple[beam.PCollection, ...]) -> beam.PCollection:
+        inputs, outcomes, committed, samples = pcolls
         tally = outcomes | "Tally" >> beam.CombineGlobally(TallyOutcomes())
         return (
             inputs.pipeline
@@ -214,5 +217,6 @@ class Finish(beam.PTransform):
             | "WriteManifest" >> beam.Map(
                 _write_manifest, *self._args, inputs=beam.pvalue.AsSingleton(inputs),
                 tally=beam.pvalue.AsSingleton(tally), committed=beam.pvalue.AsList(committed),
+                samples=beam.pvalue.AsList(samples),
             )
         )
