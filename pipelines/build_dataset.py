@@ -10,18 +10,22 @@ row from there on, filtered or failed, carries it.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Any, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
 from models.dataset import PATCH_SCHEMA, PATCHES_DIR, SPLITS
-from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start
+from pipelines.common import (
+    JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start, workers_run_here,
+)
 from pipelines.config import DatasetConfig
 from pipelines.options import (
     add_encode_flags, add_input_flags, add_output_flags, add_patch_flags, add_segment_flags, add_split_flags, parse,
 )
 from transforms.patches import CutPatches, EncodePatchRows, FilterFaces
+from transforms.progress import ShowProgress
 from transforms.qa import BUILD_GROUPS, SampleFaces, build_ranks
 from transforms.records import KEPT
 from transforms.sink import WriteParquet
@@ -95,8 +99,12 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     prepared = start(config, prepared, "build_dataset", checkpoints, {PATCHES_DIR: patch_rows_of})
     p = pipeline or beam.Pipeline(options=options)
     tables = [f"{PATCHES_DIR}/{s}" for s in SPLITS]
-    finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared), prepared.run)
-    return complete(p.run(), config.output)
+    with ShowProgress(workers_run_here(options), skipped=prepared.run.carried_images) as progress:
+        prepared = replace(prepared, progress=progress.folder)
+        finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared), prepared)
+        result = p.run()
+        result.wait_until_finish()
+    return complete(result, config.output)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class Prepared:
     segmenter_sha256: str
     classifier_sha256: Optional[str] = None
     run: RunStart = RunStart(run=1)
+    progress: Optional[str] = None  # where workers count progress for the launcher's bar (transforms.progress)
 
 
 def workers_run_here(options: Optional[PipelineOptions]) -> bool:
@@ -156,7 +157,8 @@ def segmented_faces(
     outcome from then on (decode failures and filtered faces included) carries its split.
     """
     records, read_failed, inputs = p | "Read" >> ReadImages(
-        config.input, prepared.labels, prepared.ffhq_metadata, config.voc_annotations, prepared.run.done_list
+        config.input, prepared.labels, prepared.ffhq_metadata, config.voc_annotations, prepared.run.done_list,
+        prepared.progress,
     )
     failures = [read_failed]
     if split is not None:
@@ -175,10 +177,13 @@ def finish_job(
     checkpoints: dict[str, Any],
     tables: list[str],
     outputs: JobOutputs,
-    run: RunStart,
+    prepared: Prepared,
 ) -> None:
     """Append the last steps: write every outcome, then the checked manifest."""
-    outcome_files, outcomes = tuple(outputs.outcomes) | "WriteOutcomes" >> WriteOutcomes(config.output, run.run)
+    run = prepared.run
+    outcome_files, outcomes = tuple(outputs.outcomes) | "WriteOutcomes" >> WriteOutcomes(
+        config.output, run.run, prepared.progress
+    )
     files = (*outputs.files, outcome_files) | "CommittedFiles" >> beam.Flatten()
     redacted = redact_argv(sys.argv[1:] if argv is None else list(argv))
     base = {

@@ -12,18 +12,22 @@ failures go to ``errors/``.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
 from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR, read_manifest
-from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start
+from pipelines.common import (
+    JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start, workers_run_here,
+)
 from pipelines.config import ScoreConfig
 from pipelines.options import (
     add_input_flags, add_output_flags, add_patch_flags, add_score_flags, add_segment_flags, parse,
 )
 from transforms.classify import AcneClassifierHandler, ClassifyFaces, patch_rows, score_row, scored_outcome, unscored_row
 from transforms.patches import CutPatches, FilterFaces
+from transforms.progress import ShowProgress
 from transforms.qa import SCORE_GROUPS, SampleFaces, score_ranks
 from transforms.read_patches import ReadPatchDataset, is_patch_dataset
 from transforms.records import FILTERED, KEPT
@@ -120,8 +124,14 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     prepared = start(config, prepared, "score", checkpoints, families)
     p = pipeline or beam.Pipeline(options=options)
     tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if config.patch_table else [])
-    finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints), prepared.run)
-    return complete(p.run(), config.output)
+    # A patch dataset's faces are known from its manifest; other inputs' from planning them.
+    total = read_manifest(config.input[0])["accounting"]["kept"] if is_patch_dataset(config.input[0]) else None
+    with ShowProgress(workers_run_here(options), total, prepared.run.carried_images) as progress:
+        prepared = replace(prepared, progress=progress.folder)
+        finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints), prepared)
+        result = p.run()
+        result.wait_until_finish()
+    return complete(result, config.output)
 
 
 if __name__ == "__main__":

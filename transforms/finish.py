@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import asdict
 from importlib import metadata
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -19,6 +19,7 @@ from apache_beam.metrics import Metrics
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, OUTCOME_SCHEMA, join, write_manifest
 from transforms.records import FAILED, FILTERED, KEPT, Outcome
 from transforms.card import write_card
+from transforms.progress import DONE, CountProgress
 from transforms.qa import write_qa_sheet
 from transforms.report import write_report
 from transforms.resume import RunStart
@@ -79,14 +80,16 @@ class WriteOutcomes(beam.PTransform):
     killed job would leave no outcome rows for ``--resume`` to keep.
     """
 
-    def __init__(self, root: str, run: int = 1):
+    def __init__(self, root: str, run: int = 1, progress: Optional[str] = None):
         super().__init__()
-        self._root, self._run = root, run
+        self._root, self._run, self._progress = root, run, progress
 
     def expand(self, branches: Sequence[beam.PCollection]) -> tuple[beam.PCollection, beam.PCollection]:
         counted = branches | "AllOutcomes" >> beam.Flatten() | "Count" >> beam.ParDo(CountOutcomes())
         files = []
         for i, branch in enumerate(branches):
+            if self._progress:
+                branch | f"CountDone{i}" >> beam.ParDo(CountProgress(self._progress, DONE))
             files.append(branch | f"FaceRows{i}" >> beam.Map(outcome_row) | f"WriteFaces{i}" >> WriteParquet(
                 self._root, FACES_DIR, OUTCOME_SCHEMA, run=self._run, name=f"b{i:02d}"
             ))
