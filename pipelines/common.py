@@ -262,5 +262,5 @@ def print_summary(manifest: dict[str, Any], output: str) -> None:
         errors = read_parquet_dir(join(output, ERRORS_DIR), ERROR_SCHEMA, ["stage", "error_type"]).to_pylist()
         top = Counter(f"{e['stage']}/{e['error_type']}" for e in errors).most_common(5)
         lines.append("  failures: " + ", ".join(f"{k} x{n}" for k, n in top) + f"  (details: {output}/errors/)")
-    lines.append(f"  output: {output}  (manifest.json, report.png, faces/, errors/)")
+    lines.append(f"  output: {output}  (qa.png to check by eye, report.png, README.md, manifest.json, faces/, errors/)")
     print("\n".join(lines), flush=True)

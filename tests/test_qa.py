@@ -105,4 +105,4 @@ def test_the_sheet_stays_the_same_size_however_many_failures(tmp_path: Path) -> 
         write_qa_sheet(str(root), "build_dataset", _output(root, failures), books)
         sizes[failures] = (Image.open(root / "qa.png").size, (root / "qa.png").stat().st_size)
     assert sizes[12][0] == sizes[5000][0]
-    assert max(s for _, s in sizes.values()) < 1_500_000
+    assert sizes[12][0][0] <= 1200 and sizes[12][0][1] <= 900 and max(s for _, s in sizes.values()) < 1_000_000

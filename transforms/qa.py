@@ -184,8 +184,8 @@ def _draw_face(ax: plt.Axes, thumb: Thumb, boxes: Sequence[tuple[int, int, int]]
 
 
 def _grid(fig: Any, title: str, n: int) -> list[plt.Axes]:
-    """A titled block of ``n`` cells, ``COLUMNS`` to a row; cells off by default."""
-    rows = max(1, -(-n // COLUMNS))
+    """A titled block of ``n`` (at least one) cells, ``COLUMNS`` to a row; cells off by default."""
+    rows = -(-n // COLUMNS)
     height = rows * CELL_INCHES + TITLE_INCHES
     fig.suptitle(title, x=0.005, y=1 - 0.05 / height, ha="left", va="top", fontsize=10, fontweight="bold")
     axes = np.atleast_1d(fig.subplots(rows, COLUMNS)).ravel()
@@ -297,17 +297,18 @@ def write_qa_sheet(
     heading = _heading(root, job, books)
     heights = [
         0.25 + 0.2 * heading.count("\n") + TITLE_INCHES,
-        *(max(1, -(-len(b.faces) // COLUMNS)) * CELL_INCHES + TITLE_INCHES for b in blocks),
+        *(-(-len(b.faces) // COLUMNS) * CELL_INCHES + TITLE_INCHES + (0 if b.faces else 0.2) for b in blocks),
         TITLE_INCHES + 0.15 * len(failures) + 0.1,
     ]
     fig = plt.figure(figsize=(COLUMNS * CELL_INCHES, sum(heights)), dpi=DPI)
     top, *parts, bottom = fig.subfigures(len(heights), 1, height_ratios=heights)
     top.text(0.005, 0.9, heading, ha="left", va="top", fontsize=11)
-    for part, block in zip(parts, blocks):
-        axes = _grid(part, block.title, len(block.faces))
+    for part, block, height in zip(parts, blocks, heights[1:]):
         if not block.faces:
-            axes[0].text(0, 0.5, "none", fontsize=9)
-        for ax, (_, draw) in zip(axes, block.faces):
+            part.text(0.005, 1 - 0.05 / height, f"{block.title}: none", ha="left", va="top", fontsize=10,
+                      fontweight="bold")
+            continue
+        for ax, (_, draw) in zip(_grid(part, block.title, len(block.faces)), block.faces):
             draw(ax)
     bottom.text(0.005, 1 - 0.05 / heights[-1], "failures (a sample by id hash)", ha="left", va="top", fontsize=10,
                 fontweight="bold")
