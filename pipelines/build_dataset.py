@@ -102,8 +102,7 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     with ShowProgress(workers_run_here(options), skipped=prepared.run.carried_images) as progress:
         prepared = replace(prepared, progress=progress.folder)
         finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared), prepared)
-        result = p.run()
-        result.wait_until_finish()
+        result = progress.run(p)
     return complete(result, config.output)
 
 

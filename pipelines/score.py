@@ -129,8 +129,7 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     with ShowProgress(workers_run_here(options), total, prepared.run.carried_images) as progress:
         prepared = replace(prepared, progress=progress.folder)
         finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints), prepared)
-        result = p.run()
-        result.wait_until_finish()
+        result = progress.run(p)
     return complete(result, config.output)
 
 

@@ -167,6 +167,13 @@ class ShowProgress:
             if text is not None:
                 self._show(text)
 
+    def run(self, pipeline: beam.Pipeline) -> Any:
+        """Run ``pipeline``; where the bar is drawn, also wait for it to end (a remote job is left to run)."""
+        result = pipeline.run()
+        if self._bar is not None:
+            result.wait_until_finish()
+        return result
+
     def __enter__(self) -> ShowProgress:
         if self._bar is not None:
             self._thread.start()
