@@ -50,7 +50,8 @@ OPTION_GROUPS = [
 EXAMPLES = f"""\
   {PROG} --input runs/sample --output runs/local/dataset
   {PROG} --input 'ffhq/images1024x1024/*/*.png' --output out/ffhq \\
-      --ffhq-metadata ffhq/ffhq-dataset-v2.json --split ffhq --direct_num_workers 2 --direct_running_mode multi_processing
+      --ffhq-metadata ffhq/ffhq-dataset-v2.json --split ffhq \\
+      --direct_num_workers 2 --direct_running_mode multi_processing
   {PROG} --input 'acne04/train/*.jpg' --labels-csv acne04/train/labels.csv --voc-annotations \\
       --split path --output out/acne04
   {PROG} --input 'gs://B/shards/*.tar' --output gs://B/datasets/run1 --runner DataflowRunner \\

@@ -194,7 +194,9 @@ def finish_job(
         "versions": package_versions(),
         "checkpoints": checkpoints,
     }
-    (outputs.inputs, outcomes, files, outputs.samples) | "Finish" >> Finish(config.output, base, tables, config.min_face_skin, run)
+    (outputs.inputs, outcomes, files, outputs.samples) | "Finish" >> Finish(
+        config.output, base, tables, config.min_face_skin, run
+    )
 
 
 def complete(result: Any, output: str) -> dict[str, Any]:

@@ -93,8 +93,10 @@ def add_input_flags(parser: argparse.ArgumentParser) -> None:
                    help="CSV file(s) with an id and a label column. Ids match by file stem "
                         "(images/levle0_10.jpg matches levle0_10). Images without a label fail with a reason. "
                         "(Named --labels-csv because Beam's --labels already sets Dataflow job labels.)")
-    g.add_argument("--id-column", default="image_id", metavar="NAME", help="Id column of --labels-csv (default: %(default)s).")
-    g.add_argument("--label-column", default="label", metavar="NAME", help="Label column of --labels-csv (default: %(default)s).")
+    g.add_argument("--id-column", default="image_id", metavar="NAME",
+                   help="Id column of --labels-csv (default: %(default)s).")
+    g.add_argument("--label-column", default="label", metavar="NAME",
+                   help="Label column of --labels-csv (default: %(default)s).")
     g.add_argument("--ffhq-metadata", default=None, metavar="JSON",
                    help="FFHQ's ffhq-dataset-v2.json: adds each face's category (needed by --split ffhq).")
     g.add_argument("--voc-annotations", action="store_true",
@@ -141,7 +143,8 @@ def add_encode_flags(parser: argparse.ArgumentParser) -> None:
     g = section(parser, "output")
     g.add_argument("--patch-format", choices=FORMATS, default="png",
                    help="Patch encoding: png and webp are lossless, jpeg is smaller (default: %(default)s).")
-    g.add_argument("--jpeg-quality", type=int, default=95, metavar="Q", help="JPEG quality 1-100 (default: %(default)s).")
+    g.add_argument("--jpeg-quality", type=int, default=95, metavar="Q",
+                   help="JPEG quality 1-100 (default: %(default)s).")
     g.add_argument("--png-compression", type=int, choices=range(10), default=1, metavar="0-9",
                    help="PNG zlib level: 0 stores, 1 is entropy coding only (fastest, lossless like every level), "
                         "2-9 search for matches: up to 12%% smaller, 3-40x slower (default: %(default)s).")

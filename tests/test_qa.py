@@ -42,7 +42,8 @@ def test_the_sample_is_the_smallest_id_hashes_of_each_group_whatever_the_bundlin
                 records = records | beam.Reshuffle()
             samples = records | f"{name}Sample" >> SampleFaces(
                 partial(build_ranks, min_face_skin=MIN_SKIN), {"kept": 4, "filtered": 2}, tint_skin=True)
-            ids = samples | f"{name}Ids" >> beam.MapTuple(lambda group, thumbs: (group, tuple(t.image_id for t in thumbs)))
+            ids = samples | f"{name}Ids" >> beam.MapTuple(
+                lambda group, thumbs: (group, tuple(t.image_id for t in thumbs)))
             assert_that(ids, equal_to(expected), label=f"{name}Check")
 
 

@@ -59,7 +59,8 @@ def configs(tables: Sequence[str], rows: Mapping[str, int], sizes: Mapping[str, 
             "config_name": name,
             "data_files": [{"split": split, "path": f"{table}/*.parquet"} for split, table in splits],
             "features": [yaml_feature(n, f) for n, f in hf_features(schema_of(name)).items()],
-            "splits": [{"name": split, "num_bytes": sizes[table], "num_examples": rows[table]} for split, table in splits],
+            "splits": [{"name": split, "num_bytes": sizes[table], "num_examples": rows[table]}
+                       for split, table in splits],
         })
     return out
 

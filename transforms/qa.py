@@ -239,7 +239,7 @@ def _build_blocks(root: str, samples: Mapping[str, Sequence[Thumb]]) -> list[Blo
 
 
 def _score_blocks(root: str, samples: Mapping[str, Sequence[Thumb]]) -> list[Block]:
-    """score's sheet: the most and the least acne-affected faces, top patches outlined and ranked, verdicts named."""
+    """score's sheet: the most and the least acne-affected faces, their top patches outlined, verdicts named."""
     scores = {r["image_id"]: r for r in read_parquet_dir(join(root, SCORES_DIR), SCORE_SCHEMA).to_pylist()}
     # A run with fewer faces than both groups hold shows each face once: the more affected half first.
     faces = len({t.image_id for thumbs in samples.values() for t in thumbs})
@@ -263,7 +263,8 @@ def _score_blocks(root: str, samples: Mapping[str, Sequence[Thumb]]) -> list[Blo
 
 
 def _failure_lines(root: str) -> list[str]:
-    errors = sorted(read_parquet_dir(join(root, ERRORS_DIR), ERROR_SCHEMA).to_pylist(), key=lambda e: id_hash(e["image_id"]))
+    errors = read_parquet_dir(join(root, ERRORS_DIR), ERROR_SCHEMA).to_pylist()
+    errors.sort(key=lambda e: id_hash(e["image_id"]))
     lines = [f"{e['image_id'][:24]}  {e['stage']}/{e['error_type']}: {e['message']}"[:110]
              for e in errors[:MAX_FAILURES_LISTED]]
     if len(errors) > MAX_FAILURES_LISTED:
@@ -277,9 +278,10 @@ def _heading(root: str, job: str, books: Mapping[str, Any]) -> str:
     if job == "score":
         rows = read_parquet_dir(join(root, SCORES_DIR), SCORE_SCHEMA, ["verdict", "severity"]).to_pylist()
         verdicts = Counter(r["verdict"] for r in rows)
-        grades = Counter(r["severity"] for r in rows if r["verdict"] == "acne")
-        named = [f"{v} {n:,}" + (f" ({', '.join(f'{g} {k:,}' for g, k in sorted(grades.items()))})" if v == "acne" else "")
-                 for v, n in sorted(verdicts.items(), key=lambda item: str(item[0])) if v]
+        severities = Counter(r["severity"] for r in rows if r["severity"])
+        grades = ", ".join(f"{g} {n:,}" for g, n in sorted(severities.items()))
+        named = [f"{v} {n:,}" + (f" ({grades})" if v == "acne" and grades else "")
+                 for v, n in sorted((v, n) for v, n in verdicts.items() if v)]
         heading += "\nverdicts: " + ", ".join(named + [f"no usable skin {verdicts[None]:,}"])
     return heading
 
