@@ -91,3 +91,9 @@ def test_a_multi_process_run_shows_progress_in_the_launcher(
     lines = [line for line in err.splitlines() if line.startswith("images ")]
     assert lines and lines[-1].startswith(f"images {inputs}/{inputs} [") and "100%" in lines[-1], err[-2000:]
     assert set(Path(tempfile.gettempdir()).glob("acne-progress-*")) == before, "the counters are cleared away"
+
+
+def test_a_counter_whose_folder_is_gone_never_fails_the_work(tmp_path: Path) -> None:
+    counter = ProgressCounter(str(tmp_path / "gone"), DONE, Clock())
+    counter.inc()
+    counter.flush()

@@ -44,9 +44,12 @@ class ProgressCounter:
     def flush(self) -> None:
         # Written aside and renamed: a reader sees the old count or the new one, never half a number.
         temp = f"{self._path}.tmp"
-        with open(temp, "w") as f:
-            f.write(str(self._count))
-        os.replace(temp, self._path)
+        try:
+            with open(temp, "w") as f:
+                f.write(str(self._count))
+            os.replace(temp, self._path)
+        except OSError:
+            pass  # progress is only shown: a full disk or a launcher gone must never fail the work
         self._flushed = self._clock()
 
 
