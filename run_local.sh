@@ -19,3 +19,4 @@ if [ -f models/defaults/classifier/config.json ]; then
 fi
 echo
 echo "Results under $(pwd)/runs/local: dataset/ (patches, faces, errors, manifest.json) and scores/."
+echo "Open runs/local/dataset/qa.png and runs/local/scores/qa.png to check them by eye."

@@ -26,6 +26,9 @@ TEST_REQUIRES = [
     "scikit-image==0.26.0",
     "moto[server]==5.2.5",
     "gcp-storage-emulator==2026.7.19",
+    # Outputs open in the tools users already have: tests load them as those tools do.
+    "datasets==5.2.0",
+    "duckdb==2.0.0",
 ]
 
 setup(

@@ -12,15 +12,21 @@ Layout under a job's ``--output``::
     scores/part-*.parquet            SCORE_SCHEMA (score): one row per scored or skin-less image:
                                      verdict (clear/acne), acne_probability, lesion_count,
                                      severity (a Hayashi grade, null unless acne), probabilities
-                                     (clear and each grade, summing to 1), the top patches
+                                     (a list of {name, probability}: clear, then each grade,
+                                     summing to 1), the top patches
     patch_scores/part-*.parquet      PATCH_SCORE_SCHEMA (score --patch-table)
+    README.md                        the dataset card: configs and features for Hugging Face ``datasets``
+    report.png, qa.png               the run at a glance: charts, and a sheet of sample faces
     manifest.json                    written last; its presence marks the output complete
     _run.json                        the job, arguments and checkpoint hashes a --resume must match
+
+Every schema carries its Hugging Face features in its Arrow metadata (``hf_features``), so every
+Parquet file it writes opens in ``datasets`` with ``image`` and ``mask`` as Image features.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import fsspec
 import pyarrow as pa
@@ -34,10 +40,35 @@ SCORES_DIR = "scores"
 PATCH_SCORES_DIR = "patch_scores"
 SPLITS = ("train", "validation", "test")
 
-# Hugging Face ``datasets`` decodes this struct as an Image feature.
+# Hugging Face ``datasets`` stores an Image feature as this struct; a column of this type is an image.
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+# The Arrow schema metadata key ``datasets`` reads features from.
+HF_METADATA = "huggingface"
+HF_DTYPES = {pa.string(): "string", pa.int32(): "int32", pa.float32(): "float32", pa.binary(): "binary"}
 
-PATCH_SCHEMA = pa.schema(
+
+def hf_feature(arrow_type: pa.DataType) -> dict[str, Any]:
+    """One column's Hugging Face feature, in the JSON form ``datasets.Features.from_dict`` reads."""
+    if arrow_type == IMAGE_STRUCT:
+        return {"_type": "Image"}
+    if pa.types.is_struct(arrow_type):
+        return {f.name: hf_feature(f.type) for f in arrow_type}
+    if pa.types.is_list(arrow_type):
+        return {"feature": hf_feature(arrow_type.value_type), "_type": "List"}
+    return {"dtype": HF_DTYPES[arrow_type], "_type": "Value"}
+
+
+def hf_features(schema: pa.Schema) -> dict[str, dict[str, Any]]:
+    """The schema's Hugging Face features, column by column."""
+    return {f.name: hf_feature(f.type) for f in schema}
+
+
+def _with_hf_features(schema: pa.Schema) -> pa.Schema:
+    """``schema`` carrying its features as ``datasets`` writes them, so every file written with it says them."""
+    return schema.with_metadata({HF_METADATA: json.dumps({"info": {"features": hf_features(schema)}})})
+
+
+PATCH_SCHEMA = _with_hf_features(pa.schema(
     [
         ("image_id", pa.string()),
         ("patch_id", pa.string()),
@@ -53,9 +84,9 @@ PATCH_SCHEMA = pa.schema(
         ("source_uri", pa.string()),
         ("segmenter_sha256", pa.string()),
     ]
-)
+))
 
-OUTCOME_SCHEMA = pa.schema(
+OUTCOME_SCHEMA = _with_hf_features(pa.schema(
     [
         ("image_id", pa.string()),
         ("source_uri", pa.string()),
@@ -68,9 +99,9 @@ OUTCOME_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("label", pa.string()),
     ]
-)
+))
 
-ERROR_SCHEMA = pa.schema(
+ERROR_SCHEMA = _with_hf_features(pa.schema(
     [
         ("image_id", pa.string()),
         ("source_uri", pa.string()),
@@ -78,11 +109,14 @@ ERROR_SCHEMA = pa.schema(
         ("error_type", pa.string()),
         ("message", pa.string()),
     ]
-)
+))
 
 BOX = pa.struct([("x", pa.int32()), ("y", pa.int32()), ("size", pa.int32()), ("score", pa.float32())])
+# One class of a face's distribution (clear, then each grade), in order. A list of structs, not a
+# map: Hugging Face ``datasets`` has no map feature and refuses to load a file with one.
+CLASS_PROBABILITY = pa.struct([("name", pa.string()), ("probability", pa.float32())])
 
-SCORE_SCHEMA = pa.schema(
+SCORE_SCHEMA = _with_hf_features(pa.schema(
     [
         ("image_id", pa.string()),
         ("source_uri", pa.string()),
@@ -94,15 +128,15 @@ SCORE_SCHEMA = pa.schema(
         ("acne_probability", pa.float32()),
         ("lesion_count", pa.float32()),
         ("severity", pa.string()),
-        ("probabilities", pa.map_(pa.string(), pa.float32())),
+        ("probabilities", pa.list_(CLASS_PROBABILITY)),
         ("top_patches", pa.list_(BOX)),
         ("label", pa.string()),
         ("segmenter_sha256", pa.string()),
         ("classifier_sha256", pa.string()),
     ]
-)
+))
 
-PATCH_SCORE_SCHEMA = pa.schema(
+PATCH_SCORE_SCHEMA = _with_hf_features(pa.schema(
     [
         ("image_id", pa.string()),
         ("patch_id", pa.string()),
@@ -112,7 +146,17 @@ PATCH_SCORE_SCHEMA = pa.schema(
         ("skin_fraction", pa.float32()),
         ("lesions", pa.float32()),
     ]
-)
+))
+# Each table's schema by its folder; the patch splits' folders are ``patches/<split>``.
+SCHEMAS: Mapping[str, pa.Schema] = {
+    PATCHES_DIR: PATCH_SCHEMA, FACES_DIR: OUTCOME_SCHEMA, ERRORS_DIR: ERROR_SCHEMA, SCORES_DIR: SCORE_SCHEMA,
+    PATCH_SCORES_DIR: PATCH_SCORE_SCHEMA,
+}
+
+
+def schema_of(table: str) -> pa.Schema:
+    """The schema of a table folder: ``faces``, ``scores``, ``patches/train``..."""
+    return SCHEMAS[table.split("/")[0]]
 
 
 class IncompleteDatasetError(RuntimeError):
@@ -152,10 +196,7 @@ def read_parquet_dir(uri: str, schema: pa.Schema, columns: Iterable[str] | None 
 def read_table(root: str, subdir: str, columns: Iterable[str] | None = None) -> pa.Table:
     """Read one table of a finished output (``patches/train``, ``faces``, ``scores``...)."""
     read_manifest(root)
-    schema = {
-        FACES_DIR: OUTCOME_SCHEMA, ERRORS_DIR: ERROR_SCHEMA, SCORES_DIR: SCORE_SCHEMA, PATCH_SCORES_DIR: PATCH_SCORE_SCHEMA
-    }.get(subdir, PATCH_SCHEMA)
-    return read_parquet_dir(join(root, subdir), schema, columns)
+    return read_parquet_dir(join(root, subdir), schema_of(subdir), columns)
 
 
 def read_patches(root: str, split: str = "all", columns: Iterable[str] | None = None) -> pa.Table:

@@ -10,17 +10,23 @@ row from there on, filtered or failed, carries it.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
 from typing import Any, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
 from models.dataset import PATCH_SCHEMA, PATCHES_DIR, SPLITS
-from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start
+from pipelines.common import (
+    JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start, workers_run_here,
+)
 from pipelines.config import DatasetConfig
 from pipelines.options import (
     add_encode_flags, add_input_flags, add_output_flags, add_patch_flags, add_segment_flags, add_split_flags, parse,
 )
 from transforms.patches import CutPatches, EncodePatchRows, FilterFaces
+from transforms.progress import ShowProgress
+from transforms.qa import BUILD_GROUPS, SampleFaces, build_ranks
 from transforms.records import KEPT
 from transforms.sink import WriteParquet
 from transforms.split import AssignSplit
@@ -37,9 +43,21 @@ PATCH_ROWS_PER_GROUP = 64
 PATCH_ROWS_PER_FILE = 16 * PATCH_ROWS_PER_GROUP
 
 PROG = "python -m pipelines.build_dataset"
+# --help shows the groups' sections in this order: input, segmentation, patches, output.
 OPTION_GROUPS = [
-    add_input_flags, add_segment_flags, add_patch_flags, add_encode_flags, add_split_flags, add_output_flags,
+    add_input_flags, add_segment_flags, add_patch_flags, add_output_flags, add_split_flags, add_encode_flags,
 ]
+EXAMPLES = f"""\
+  {PROG} --input runs/sample --output runs/local/dataset
+  {PROG} --input 'ffhq/images1024x1024/*/*.png' --output out/ffhq \\
+      --ffhq-metadata ffhq/ffhq-dataset-v2.json --split ffhq \\
+      --direct_num_workers 2 --direct_running_mode multi_processing
+  {PROG} --input 'acne04/train/*.jpg' --labels-csv acne04/train/labels.csv --voc-annotations \\
+      --split path --output out/acne04
+  {PROG} --input 'gs://B/shards/*.tar' --output gs://B/datasets/run1 --runner DataflowRunner \\
+      --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py
+  {PROG} --input runs/sample --output runs/local/dataset --resume   # finish a killed run
+"""
 
 
 def patch_rows_of(face: Mapping[str, Any]) -> int:
@@ -58,6 +76,9 @@ def build(p: beam.Pipeline, config: DatasetConfig, prepared: Prepared) -> JobOut
     rows, kept = patched | "EncodePatches" >> EncodePatchRows(
         config.patch_format, config.jpeg_quality, config.png_compression, prepared.segmenter_sha256
     )
+    samples = segmented | "SampleFaces" >> SampleFaces(
+        partial(build_ranks, min_face_skin=config.min_face_skin), BUILD_GROUPS, tint_skin=True
+    )
     by_split = rows | "BySplit" >> beam.Partition(lambda row, n: SPLITS.index(row["split"]), len(SPLITS))
     files = [
         part | f"Write{name.title()}Patches" >> WriteParquet(
@@ -67,20 +88,23 @@ def build(p: beam.Pipeline, config: DatasetConfig, prepared: Prepared) -> JobOut
         )
         for name, part in zip(SPLITS, by_split)
     ]
-    return JobOutputs(inputs, [*failures, filtered, no_patch, kept], files)
+    return JobOutputs(inputs, [*failures, filtered, no_patch, kept], files, samples)
 
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
-    flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
+    flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION, EXAMPLES)
     config = DatasetConfig.from_flags(flags)
     prepared = prepare(config, options)
     checkpoints = {"segmenter": {"uri": config.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}
     prepared = start(config, prepared, "build_dataset", checkpoints, {PATCHES_DIR: patch_rows_of})
     p = pipeline or beam.Pipeline(options=options)
     tables = [f"{PATCHES_DIR}/{s}" for s in SPLITS]
-    finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared), prepared.run)
-    return complete(p.run(), config.output)
+    with ShowProgress(workers_run_here(options), skipped=prepared.run.carried_images) as progress:
+        prepared = replace(prepared, progress=progress.folder)
+        finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared), prepared)
+        result = progress.run(p)
+    return complete(result, config.output)
 
 
 if __name__ == "__main__":

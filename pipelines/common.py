@@ -30,6 +30,7 @@ from models.dataset import (
 )
 from models.classifier import Classifier
 from models.segmenter import Segmenter
+from transforms.card import command
 from transforms.decode import DecodeImages
 from transforms.finish import Finish, WriteOutcomes, package_versions
 from transforms.plan import check_patterns
@@ -77,6 +78,7 @@ class Prepared:
     segmenter_sha256: str
     classifier_sha256: Optional[str] = None
     run: RunStart = RunStart(run=1)
+    progress: Optional[str] = None  # where workers count progress for the launcher's bar (transforms.progress)
 
 
 def workers_run_here(options: Optional[PipelineOptions]) -> bool:
@@ -137,11 +139,13 @@ def start(
 
 
 class JobOutputs(NamedTuple):
-    """What a job's graph hands to its finish: the input count, every outcome, the committed files."""
+    """What a job's graph hands to its finish: the input count, every outcome, the committed files, and the
+    faces sampled for the QA sheet (``transforms.qa.SampleFaces``)."""
 
     inputs: beam.PCollection
     outcomes: list[beam.PCollection]
     files: list[beam.PCollection]
+    samples: beam.PCollection
 
 
 def segmented_faces(
@@ -153,7 +157,8 @@ def segmented_faces(
     outcome from then on (decode failures and filtered faces included) carries its split.
     """
     records, read_failed, inputs = p | "Read" >> ReadImages(
-        config.input, prepared.labels, prepared.ffhq_metadata, config.voc_annotations, prepared.run.done_list
+        config.input, prepared.labels, prepared.ffhq_metadata, config.voc_annotations, prepared.run.done_list,
+        prepared.progress,
     )
     failures = [read_failed]
     if split is not None:
@@ -172,19 +177,26 @@ def finish_job(
     checkpoints: dict[str, Any],
     tables: list[str],
     outputs: JobOutputs,
-    run: RunStart,
+    prepared: Prepared,
 ) -> None:
     """Append the last steps: write every outcome, then the checked manifest."""
-    outcome_files, outcomes = tuple(outputs.outcomes) | "WriteOutcomes" >> WriteOutcomes(config.output, run.run)
+    run = prepared.run
+    outcome_files, outcomes = tuple(outputs.outcomes) | "WriteOutcomes" >> WriteOutcomes(
+        config.output, run.run, prepared.progress
+    )
     files = (*outputs.files, outcome_files) | "CommittedFiles" >> beam.Flatten()
+    redacted = redact_argv(sys.argv[1:] if argv is None else list(argv))
     base = {
         "job": job,
         "arguments": config.arguments(),
-        "argv": redact_argv(sys.argv[1:] if argv is None else list(argv)),
+        "argv": redacted,
+        "command": command(job, redacted),
         "versions": package_versions(),
         "checkpoints": checkpoints,
     }
-    (outputs.inputs, outcomes, files) | "Finish" >> Finish(config.output, base, tables, config.min_face_skin, run)
+    (outputs.inputs, outcomes, files, outputs.samples) | "Finish" >> Finish(
+        config.output, base, tables, config.min_face_skin, run
+    )
 
 
 def complete(result: Any, output: str) -> dict[str, Any]:
@@ -252,5 +264,5 @@ def print_summary(manifest: dict[str, Any], output: str) -> None:
         errors = read_parquet_dir(join(output, ERRORS_DIR), ERROR_SCHEMA, ["stage", "error_type"]).to_pylist()
         top = Counter(f"{e['stage']}/{e['error_type']}" for e in errors).most_common(5)
         lines.append("  failures: " + ", ".join(f"{k} x{n}" for k, n in top) + f"  (details: {output}/errors/)")
-    lines.append(f"  output: {output}  (manifest.json, report.png, faces/, errors/)")
+    lines.append(f"  output: {output}  (qa.png to check by eye, report.png, README.md, manifest.json, faces/, errors/)")
     print("\n".join(lines), flush=True)

@@ -10,6 +10,7 @@ Anything that is not one of these flags is a Beam flag (``--runner``, ``--direct
 from __future__ import annotations
 
 import argparse
+import weakref
 from typing import Callable, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -30,13 +31,34 @@ SCORE_MIN_FACE_SKIN = 0.02
 # Adds one group of job flags to a parser; each job lists the groups it takes.
 FlagGroup = Callable[[argparse.ArgumentParser], None]
 
+# The --help sections, in the order a job runs its stages: each flag group adds to one of them.
+SECTIONS = {
+    "input": "What to read, and what travels with each image.",
+    "segmentation": "The skin segmenter and how it runs.",
+    "patches": "Which faces are kept and how they are tiled.",
+    "scoring": "The acne classifier and what it reports.",
+    "output": "Where and how the results are written.",
+}
+_sections: weakref.WeakKeyDictionary[argparse.ArgumentParser, dict[str, argparse._ArgumentGroup]] = (
+    weakref.WeakKeyDictionary()
+)
+
 BEAM_EPILOG = """\
-Beam flags pass straight through, for example:
+Beam flags:
+  Any other flag goes to Beam untouched, for example:
   --runner DirectRunner            (the default here) or DataflowRunner, PortableRunner, ...
   --direct_num_workers 2 --direct_running_mode multi_processing
   --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py   (Dataflow)
-Inputs and outputs may be local paths or any fsspec URL: gs://, s3://, memory://, ...
+  Inputs and outputs may be local paths or any fsspec URL: gs://, s3://, memory://, ...
 """
+
+
+def section(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """The parser's --help section ``title``, made on first use, so that several flag groups can share one."""
+    groups = _sections.setdefault(parser, {})
+    if title not in groups:
+        groups[title] = parser.add_argument_group(title, SECTIONS[title])
+    return groups[title]
 
 
 def _fraction(text: str) -> float:
@@ -62,16 +84,19 @@ def _positive(text: str) -> int:
 
 def add_input_flags(parser: argparse.ArgumentParser) -> None:
     """Where images come from, and what travels with them."""
-    g = parser.add_argument_group("input")
+    g = section(parser, "input")
     g.add_argument("--input", nargs="+", default=None, metavar="PATTERN",
                    help="One or more files, folders, globs or URLs: loose images (PNG/JPEG/WebP, e.g. FFHQ's "
-                        "NNNNN/NNNNN.png), webdataset .tar shards, .zip archives, or Parquet with image bytes.")
+                        "NNNNN/NNNNN.png), webdataset .tar shards, .zip archives, Parquet with image bytes, or "
+                        "StyleGAN's .tfrecords.")
     g.add_argument("--labels-csv", nargs="+", default=None, metavar="CSV",
                    help="CSV file(s) with an id and a label column. Ids match by file stem "
                         "(images/levle0_10.jpg matches levle0_10). Images without a label fail with a reason. "
                         "(Named --labels-csv because Beam's --labels already sets Dataflow job labels.)")
-    g.add_argument("--id-column", default="image_id", help="Id column of --labels-csv (default: %(default)s).")
-    g.add_argument("--label-column", default="label", help="Label column of --labels-csv (default: %(default)s).")
+    g.add_argument("--id-column", default="image_id", metavar="NAME",
+                   help="Id column of --labels-csv (default: %(default)s).")
+    g.add_argument("--label-column", default="label", metavar="NAME",
+                   help="Label column of --labels-csv (default: %(default)s).")
     g.add_argument("--ffhq-metadata", default=None, metavar="JSON",
                    help="FFHQ's ffhq-dataset-v2.json: adds each face's category (needed by --split ffhq).")
     g.add_argument("--voc-annotations", action="store_true",
@@ -79,58 +104,55 @@ def add_input_flags(parser: argparse.ArgumentParser) -> None:
                         "lesion_count per patch.")
 
 
-
 def add_segment_flags(parser: argparse.ArgumentParser) -> None:
     """The skin segmenter and how it runs."""
-    g = parser.add_argument_group("segmentation")
+    g = section(parser, "segmentation")
     g.add_argument("--segmenter-checkpoint", default=defaults.SEGMENTER, metavar="URI",
                    help="Folder (or URL) with weights.safetensors and config.json (default: the shipped model).")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Inference device (default: cpu).")
-    g.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE,
+    g.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help="Images per inference batch, across images (default: %(default)s).")
-    g.add_argument("--torch-threads", type=int, default=1,
+    g.add_argument("--torch-threads", type=int, default=1, metavar="N",
                    help="torch intra-op threads per worker process (default: %(default)s, because runners start "
                         "one worker process per core; raise it for a single process on many cores; 0 keeps "
                         "torch's own default).")
-    g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+    g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="Refuse images whose declared size exceeds this many pixels (decompression bombs).")
-
 
 
 def add_patch_flags(parser: argparse.ArgumentParser) -> None:
     """How faces are filtered and tiled (both jobs: a classifier must see patches cut as in training)."""
-    g = parser.add_argument_group("faces and patches")
-    g.add_argument("--min-face-skin", type=_fraction, default=None,
+    g = section(parser, "patches")
+    g.add_argument("--min-face-skin", type=_fraction, default=None, metavar="F",
                    help=f"Filter out faces whose skin fraction is below this (default: {DEFAULT_MIN_FACE_SKIN}; "
                         f"score: {SCORE_MIN_FACE_SKIN}, so that a small face in a wide photo is still judged).")
-    g.add_argument("--patch-size", type=_positive, default=None,
+    g.add_argument("--patch-size", type=_positive, default=None, metavar="N",
                    help=f"Patch side in pixels (default: {DEFAULT_PATCH_SIZE}; score: the patch size the "
                         "classifier was trained on, from its config).")
-    g.add_argument("--stride", type=_positive, default=None,
+    g.add_argument("--stride", type=_positive, default=None, metavar="N",
                    help="Step between patches; defaults to --patch-size (no overlap).")
-    g.add_argument("--min-patch-skin", type=_fraction, default=None,
+    g.add_argument("--min-patch-skin", type=_fraction, default=None, metavar="F",
                    help=f"Keep patches whose skin coverage is at least this (default: {DEFAULT_MIN_PATCH_SKIN}; "
                         "score: the value the classifier's training patches were cut with, from its config).")
     g.add_argument("--blackout-background", action="store_true",
                    help="Set the non-skin pixels of each patch to black.")
 
 
-
 def add_encode_flags(parser: argparse.ArgumentParser) -> None:
     """How build_dataset stores patches."""
-    g = parser.add_argument_group("patch encoding")
+    g = section(parser, "output")
     g.add_argument("--patch-format", choices=FORMATS, default="png",
                    help="Patch encoding: png and webp are lossless, jpeg is smaller (default: %(default)s).")
-    g.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (default: %(default)s).")
+    g.add_argument("--jpeg-quality", type=int, default=95, metavar="Q",
+                   help="JPEG quality 1-100 (default: %(default)s).")
     g.add_argument("--png-compression", type=int, choices=range(10), default=1, metavar="0-9",
                    help="PNG zlib level: 0 stores, 1 is entropy coding only (fastest, lossless like every level), "
                         "2-9 search for matches: up to 12%% smaller, 3-40x slower (default: %(default)s).")
 
 
-
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
     """Where results go."""
-    g = parser.add_argument_group("output")
+    g = section(parser, "output")
     g.add_argument("--output", default=None, metavar="URI", help="Output folder or URL (required).")
     g.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
     g.add_argument("--resume", action="store_true",
@@ -140,10 +162,9 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
                         "checkpoints differ from the first run's.")
 
 
-
 def add_split_flags(parser: argparse.ArgumentParser) -> None:
     """How faces are assigned to train/validation/test."""
-    g = parser.add_argument_group("split")
+    g = section(parser, "output")
     g.add_argument("--split", default="hash", metavar="MODE",
                    help=f"One of {', '.join(MODES)} or a fixed split name (train, validation, test). "
                         "hash: from a hash of the image id; ffhq: FFHQ's category (needs --ffhq-metadata); "
@@ -152,15 +173,14 @@ def add_split_flags(parser: argparse.ArgumentParser) -> None:
                    help="Train, validation and test fractions for --split hash (default: %(default)s).")
 
 
-
 def add_score_flags(parser: argparse.ArgumentParser) -> None:
     """The classifier and what the scoring job writes."""
-    g = parser.add_argument_group("scoring")
+    g = section(parser, "scoring")
     g.add_argument("--classifier-checkpoint", default=defaults.CLASSIFIER, metavar="URI",
                    help="Folder (or URL) with the classifier's weights.safetensors and config.json.")
-    g.add_argument("--classifier-batch-size", type=_positive, default=64,
+    g.add_argument("--classifier-batch-size", type=_positive, default=64, metavar="N",
                    help="Patches per classifier batch, across images (default: %(default)s).")
-    g.add_argument("--top-patches", type=int, default=3,
+    g.add_argument("--top-patches", type=int, default=3, metavar="N",
                    help="How many of the most suspicious patches to report per image (default: %(default)s).")
     g.add_argument("--patch-table", action="store_true",
                    help="Also write one row per scored patch, with its expected lesions.")
@@ -186,10 +206,12 @@ class AcneOptions(PipelineOptions):
             add_flags(parser)
 
 
-def job_parser(groups: Sequence[FlagGroup], prog: str, description: str) -> argparse.ArgumentParser:
-    """The job's own flags, for --help and validation."""
+def job_parser(groups: Sequence[FlagGroup], prog: str, description: str, examples: str = "") -> argparse.ArgumentParser:
+    """The job's own flags, for --help and validation: one section per stage, then Beam flags, then ``examples``."""
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=BEAM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, usage=f"{prog} --input PATTERN... --output URI [flags] [Beam flags]", description=description,
+        epilog=BEAM_EPILOG + (f"\nexamples:\n{examples}" if examples else ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # else Beam's --labels would silently abbreviate our --labels-csv
     )
     for add_flags in groups:
@@ -198,10 +220,10 @@ def job_parser(groups: Sequence[FlagGroup], prog: str, description: str) -> argp
 
 
 def parse(
-    argv: Sequence[str] | None, groups: Sequence[FlagGroup], prog: str, description: str
+    argv: Sequence[str] | None, groups: Sequence[FlagGroup], prog: str, description: str, examples: str = ""
 ) -> tuple[argparse.Namespace, PipelineOptions]:
     """Parse job flags (printing --help, rejecting bad values) and hand every other flag to Beam."""
-    parser = job_parser(groups, prog, description)
+    parser = job_parser(groups, prog, description, examples)
     flags, beam_args = parser.parse_known_args(argv)
     if not flags.input:
         parser.error("--input is required: pass one or more paths, globs or URLs")

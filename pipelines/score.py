@@ -12,18 +12,23 @@ failures go to ``errors/``.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
 from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR, read_manifest
-from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start
+from pipelines.common import (
+    JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start, workers_run_here,
+)
 from pipelines.config import ScoreConfig
 from pipelines.options import (
     add_input_flags, add_output_flags, add_patch_flags, add_score_flags, add_segment_flags, parse,
 )
 from transforms.classify import AcneClassifierHandler, ClassifyFaces, patch_rows, score_row, scored_outcome, unscored_row
 from transforms.patches import CutPatches, FilterFaces
+from transforms.progress import ShowProgress
+from transforms.qa import SCORE_GROUPS, SampleFaces, score_ranks
 from transforms.read_patches import ReadPatchDataset, is_patch_dataset
 from transforms.records import FILTERED, KEPT
 from transforms.sink import WriteParquet
@@ -39,7 +44,15 @@ OUTPUT/errors/, every input's fate to OUTPUT/faces/, and manifest.json comes las
 PROG = "python -m pipelines.score"
 # Patch score rows are a few dozen bytes: a file every 1024 (some 60 faces) keeps their count down.
 PATCH_SCORE_ROWS_PER_FILE = 1024
+# --help shows the groups' sections in this order: input, segmentation, patches, scoring, output.
 OPTION_GROUPS = [add_input_flags, add_segment_flags, add_patch_flags, add_score_flags, add_output_flags]
+EXAMPLES = f"""\
+  {PROG} --input runs/sample --output runs/local/scores
+  {PROG} --input runs/local/dataset --output runs/local/rescored   # rescore a dataset's patches
+  {PROG} --input 'archive/*.tar' --output out/scores --patch-table --verdict-threshold 0.3
+  {PROG} --input 'gs://B/archive/*.tar' --output gs://B/scores/run1 --device cuda --runner DataflowRunner \\
+      --project P --region R --temp_location gs://B/tmp --sdk_container_image IMAGE --sdk_location container
+"""
 
 
 def score_rows_of(face: Mapping[str, Any]) -> int:
@@ -87,7 +100,8 @@ def build(
             config.output, PATCH_SCORES_DIR, PATCH_SCORE_SCHEMA, run=run, rows_per_file=PATCH_SCORE_ROWS_PER_FILE
         ))
     scored_outcomes = scored | "ScoredOutcomes" >> beam.Map(scored_outcome)
-    return JobOutputs(inputs, [*failures, skinless, classify_failed, scored_outcomes], files)
+    samples = scored | "SampleFaces" >> SampleFaces(score_ranks, SCORE_GROUPS)
+    return JobOutputs(inputs, [*failures, skinless, classify_failed, scored_outcomes], files, samples)
 
 
 def segmenter_of(config: ScoreConfig, prepared: Prepared) -> dict[str, str]:
@@ -99,7 +113,7 @@ def segmenter_of(config: ScoreConfig, prepared: Prepared) -> dict[str, str]:
 
 def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] = None) -> dict[str, Any]:
     """Run the job; returns the manifest. ``pipeline`` lets tests pass a ``TestPipeline``."""
-    flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
+    flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION, EXAMPLES)
     config = ScoreConfig.from_flags(flags)
     prepared = prepare(config, options)
     checkpoints = {
@@ -110,8 +124,13 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     prepared = start(config, prepared, "score", checkpoints, families)
     p = pipeline or beam.Pipeline(options=options)
     tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if config.patch_table else [])
-    finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints), prepared.run)
-    return complete(p.run(), config.output)
+    # A patch dataset's faces are known from its manifest; other inputs' from planning them.
+    total = read_manifest(config.input[0])["accounting"]["kept"] if is_patch_dataset(config.input[0]) else None
+    with ShowProgress(workers_run_here(options), total, prepared.run.carried_images) as progress:
+        prepared = replace(prepared, progress=progress.folder)
+        finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints), prepared)
+        result = progress.run(p)
+    return complete(result, config.output)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared fixtures: generated images, the shipped checkpoints, the real data beside the repo."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -9,7 +10,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from models import defaults
+from pipelines import build_dataset, score
 from pipelines.sample_data import build_sample
+
+# Hugging Face libraries must never reach for the Hub: tests read only what they wrote.
+os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -57,3 +62,19 @@ def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pipeline() -> Callable[[], TestPipeline]:
     """A TestPipeline on the in-process DirectRunner (Beam would otherwise look for Prism)."""
     return lambda: TestPipeline(options=PipelineOptions(["--runner=DirectRunner"]))
+
+
+@pytest.fixture(scope="session")
+def sample_output(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """build_dataset's output for the sample, as ./run_local.sh makes it."""
+    out = tmp_path_factory.mktemp("sample_output") / "dataset"
+    build_dataset.run(["--input", str(sample_dir), "--output", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_score_output(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """score's output for the sample with the shipped classifier and the patch table, as ./run_local.sh makes it."""
+    out = tmp_path_factory.mktemp("sample_score_output") / "scores"
+    score.run(["--input", str(sample_dir), "--output", str(out), "--patch-table"])
+    return out

@@ -84,8 +84,8 @@ def test_score_rows_carry_the_verdict_and_rank_the_most_suspicious_patches_first
     assert row["lesion_count"] == pytest.approx(float(lesions.sum()), rel=1e-4)
     assert row["verdict"] == "clear" and row["severity"] is None  # the fixture's calibration: always clear
     assert 0 < row["acne_probability"] < 0.5
-    assert list(row["probabilities"]) == ["clear", *SEVERITIES]
-    assert sum(row["probabilities"].values()) == pytest.approx(1.0)
+    assert [p["name"] for p in row["probabilities"]] == ["clear", *SEVERITIES]
+    assert sum(p["probability"] for p in row["probabilities"]) == pytest.approx(1.0)
     assert (row["patches_used"], row["status"], row["label"]) == (6, "scored", "lab")
     assert (row["segmenter_sha256"], row["classifier_sha256"]) == ("s", "c")
 

@@ -98,7 +98,7 @@ def test_score_reads_and_writes_buckets(store: dict[str, str]) -> None:
     rows = read_table(output, "scores").to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted({r["image_id"] for r in rows}) and len(rows) == good
     assert {r["status"] for r in rows} == {"scored"}
-    assert all(abs(sum(p for _, p in r["probabilities"]) - 1) < 1e-4 for r in rows)
+    assert all(abs(sum(p["probability"] for p in r["probabilities"]) - 1) < 1e-4 for r in rows)
     sha = Classifier.load(store["classifier"]).sha256
     assert {r["classifier_sha256"] for r in rows} == {sha} == {manifest["checkpoints"]["classifier"]["sha256"]}
     assert manifest["rows"]["patch_scores"] == good * PATCHES_PER_FACE

@@ -22,7 +22,7 @@ def _score(image_id: str, verdict: str | None, severity: str | None = None) -> d
         "image_id": image_id, "source_uri": f"mem://{image_id}", "status": "scored" if scored else "no_skin",
         "reason": "" if scored else "skin fraction 0.01 < 0.02", "skin_fraction": 0.5 if scored else 0.01,
         "patches_used": 4 if scored else 0, "verdict": verdict, "acne_probability": 0.9 if verdict == "acne" else 0.1,
-        "lesion_count": 3.0, "severity": severity, "probabilities": {}, "top_patches": [], "label": None,
+        "lesion_count": 3.0, "severity": severity, "probabilities": [], "top_patches": [], "label": None,
         "segmenter_sha256": "s", "classifier_sha256": "c",
     }
 

@@ -76,7 +76,7 @@ def test_scored_rows_carry_the_verdict_probabilities_top_patches_and_both_hashes
         assert row["verdict"] == "clear" and row["severity"] is None
         assert 0 < row["acne_probability"] < 0.5
         assert row["lesion_count"] == pytest.approx(lesions.sum()[row["image_id"]], rel=1e-4)
-        probs = dict(row["probabilities"])
+        probs = {p["name"]: p["probability"] for p in row["probabilities"]}
         assert list(probs) == ["clear", *classes] and abs(sum(probs.values()) - 1) < 1e-4
         assert probs["clear"] == pytest.approx(1 - row["acne_probability"], abs=1e-6)
         assert 1 <= len(row["top_patches"]) <= 3 and row["patches_used"] >= len(row["top_patches"])
@@ -232,7 +232,8 @@ def test_a_verdict_threshold_changes_the_verdicts(
     rows = read_table(str(tmp_path / "scores"), SCORES_DIR).to_pylist()
     assert rows and all(r["verdict"] == "acne" and r["severity"] in SEVERITIES for r in rows)
     # The threshold moves the verdict, not the probabilities: they still say "clear" is likely.
-    assert all(r["acne_probability"] < 0.5 and dict(r["probabilities"])["clear"] > 0.5 for r in rows)
+    assert all(r["acne_probability"] < 0.5 and r["probabilities"][0]["name"] == "clear"
+               and r["probabilities"][0]["probability"] > 0.5 for r in rows)
     assert f"verdicts: acne {len(rows)}, no usable skin 0" in capsys.readouterr().out
 
 

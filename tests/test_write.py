@@ -61,7 +61,10 @@ def test_finish_writes_a_manifest_that_flags_unbalanced_books(tmp_path: Path, pi
         inputs = p | "Inputs" >> beam.Create([3])
         written = p | "Outcomes" >> beam.Create(outcomes)
         files, counted = (written,) | WriteOutcomes(str(tmp_path))
-        (inputs, counted, files) | Finish(str(tmp_path), {"job": "test"}, [], min_face_skin=0.15)
+        base = {"job": "build_dataset", "arguments": {}, "checkpoints": {},
+                "command": "python -m pipelines.build_dataset"}
+        samples = p | "NoSamples" >> beam.Create([])
+        (inputs, counted, files, samples) | Finish(str(tmp_path), base, [], min_face_skin=0.15)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["accounting"] == {
         "inputs": 3, "kept": 1, "filtered": 0, "failed": 1, "patches": 4, "outcome_rows": 2, "ok": False,

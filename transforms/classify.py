@@ -95,7 +95,7 @@ def score_row(face: ScoredFace, top_k: int, segmenter_sha: str, classifier_sha: 
         "acne_probability": answer.acne_probability,
         "lesion_count": answer.lesion_count,
         "severity": answer.severity,
-        "probabilities": face.probabilities,
+        "probabilities": [{"name": k, "probability": p} for k, p in face.probabilities.items()],
         "top_patches": [
             {"x": patches[i].x, "y": patches[i].y, "size": patches[i].size, "score": float(face.patch_lesions[i])}
             for i in order
@@ -119,7 +119,7 @@ def unscored_row(outcome: Outcome, segmenter_sha: str, classifier_sha: str) -> d
         "acne_probability": None,
         "lesion_count": None,
         "severity": None,
-        "probabilities": {},
+        "probabilities": [],
         "top_patches": [],
         "label": outcome.label,
         "segmenter_sha256": segmenter_sha,

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from apache_beam.utils.shared import Shared
 
 from transforms.plan import STAGE, PlanShards, input_files
+from transforms.progress import PLANNED, CountProgress
 from transforms.records import ImageRecord, ImageRef, Outcome
 from transforms.resume import SkipDone
 from transforms.sidefiles import LabelFiles, load_ffhq_categories, load_labels, voc_boxes
@@ -214,10 +215,12 @@ class ReadImages(beam.PTransform):
         ffhq_metadata: str | None = None,
         voc_annotations: bool = False,
         done_list: Optional[str] = None,
+        progress: Optional[str] = None,
     ):
         super().__init__()
         self._patterns = list(patterns)
         self._done_list = done_list
+        self._progress = progress
         self._read = ReadBytes(labels, ffhq_metadata, voc_annotations)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection]:
@@ -228,6 +231,9 @@ class ReadImages(beam.PTransform):
             | "SpreadShards" >> beam.Reshuffle()
             | "PlanShards" >> beam.ParDo(PlanShards()).with_outputs("outcome", main="refs")
         )
+        if self._progress:
+            for name, found in (("Refs", planned.refs), ("Unplannable", planned.outcome)):
+                found | f"CountPlanned{name}" >> beam.ParDo(CountProgress(self._progress, PLANNED))
         unique = (
             planned.refs
             | "KeyById" >> beam.Map(lambda ref: (ref.image_id, ref))

@@ -17,7 +17,7 @@ import json
 import posixpath
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 from xml.etree import ElementTree
 
 from transforms.storage import open_file, read_bytes
@@ -150,12 +150,22 @@ def _json_entries(uri: str) -> Iterator[tuple[Any, Any]]:
             raise stream.fail("Extra data")
 
 
-def load_ffhq_categories(uri: str) -> dict[str, Optional[str]]:
-    """FFHQ's ``ffhq-dataset-v2.json`` -> {5-digit id: category}; the category is all ``--split ffhq`` uses."""
+def _ffhq_field(uri: str, pick: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """FFHQ's ``ffhq-dataset-v2.json`` -> {5-digit id: ``pick(entry)``}, one entry decoded at a time."""
     try:
-        return {f"{int(index):05d}": entry.get("category") for index, entry in _json_entries(uri)}
+        return {f"{int(index):05d}": pick(entry) for index, entry in _json_entries(uri)}
     except (OSError, ValueError, AttributeError) as exc:
         raise InputError(f"cannot read FFHQ metadata {uri}: {exc}") from exc
+
+
+def load_ffhq_categories(uri: str) -> dict[str, Optional[str]]:
+    """{5-digit id: FFHQ category}; the category is all ``--split ffhq`` uses."""
+    return _ffhq_field(uri, lambda entry: entry.get("category"))
+
+
+def load_ffhq_licences(uri: str) -> dict[str, Optional[str]]:
+    """{5-digit id: the photo's licence} (FFHQ's ``metadata.license``, e.g. "Attribution License"), for the card."""
+    return _ffhq_field(uri, lambda entry: (entry.get("metadata") or {}).get("license"))
 
 
 def parse_voc_boxes(xml_bytes: bytes) -> list[tuple[int, int, int, int]]:
