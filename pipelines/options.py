@@ -4,15 +4,17 @@ A public ``add_*_flags`` function adds each group to a parser; both jobs list th
 they take, and ``job_parser`` builds their parser from those functions. ``AcneOptions`` is
 the same flags as one Beam ``PipelineOptions`` subclass (its ``_add_argparse_args`` override
 is Beam's documented hook), so Beam knows them too, e.g. for ``view_as(AcneOptions)``.
-Anything that is not one of these flags is a Beam flag (``--runner``, ``--direct_num_workers``,
-``--project``...) and goes to Beam untouched.
+Anything that is not one of these flags must be a Beam flag (``--runner``, ``--direct_num_workers``,
+``--project``...) and goes to Beam untouched. A flag that neither the job nor Beam knows stops the
+job before any work: Beam would only log a warning and run with the default.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 from typing import Callable, Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from models import defaults
 from transforms.decode import DEFAULT_MAX_PIXELS
@@ -197,12 +199,46 @@ def job_parser(groups: Sequence[FlagGroup], prog: str, description: str) -> argp
     return parser
 
 
+def beam_parser() -> argparse.ArgumentParser:
+    """Every flag Beam's options classes declare, as Beam itself collects them (``get_all_options``).
+
+    ``AcneOptions`` is left out: the job's own parser has taken its flags, so any still here
+    belong to the other job.
+    """
+    # Beam's parser class, not argparse's: some options classes add ValueProvider arguments.
+    parser = _BeamArgumentParser(allow_abbrev=False, add_help=False)
+    for cls in PipelineOptions.__subclasses__():
+        if cls is not AcneOptions:
+            cls._add_argparse_args(parser)
+    return parser
+
+
+def unknown_flags(beam_args: Sequence[str], job: argparse.ArgumentParser) -> list[str]:
+    """The flags in ``beam_args`` that Beam does not know either, each with Beam's suggestion if it has one."""
+    beam = beam_parser()
+    _, unknown = beam.parse_known_args(beam_args)
+    known = [option for p in (job, beam) for action in p._actions for option in action.option_strings]
+    problems = []
+    for arg in unknown:
+        if not arg.startswith("-"):
+            continue  # the value of an unknown flag, or a stray word Beam would also drop
+        name = arg.split("=", 1)[0]
+        # As Beam's own warning suggests one ("Did you mean ...?").
+        close = difflib.get_close_matches(name, known, n=1)
+        problems.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return problems
+
+
 def parse(
     argv: Sequence[str] | None, groups: Sequence[FlagGroup], prog: str, description: str
 ) -> tuple[argparse.Namespace, PipelineOptions]:
-    """Parse job flags (printing --help, rejecting bad values) and hand every other flag to Beam."""
+    """Parse job flags (printing --help, rejecting bad values and unknown flags) and hand Beam's flags to Beam."""
     parser = job_parser(groups, prog, description)
     flags, beam_args = parser.parse_known_args(argv)
+    unknown = unknown_flags(beam_args, parser)
+    if unknown:
+        parser.error(f"unknown flag(s): {', '.join(unknown)}. Neither {prog.split('.')[-1]} nor Beam knows them "
+                     "(Beam would drop them and run with the defaults); see --help.")
     if not flags.input:
         parser.error("--input is required: pass one or more paths, globs or URLs")
     if not flags.output:
