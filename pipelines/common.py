@@ -153,7 +153,8 @@ def segmented_faces(
     outcome from then on (decode failures and filtered faces included) carries its split.
     """
     records, read_failed, inputs = p | "Read" >> ReadImages(
-        config.input, prepared.labels, prepared.ffhq_metadata, config.voc_annotations, prepared.run.done_list
+        config.input, prepared.labels, prepared.ffhq_metadata, config.voc_annotations, prepared.run.done_list,
+        config.max_image_bytes,
     )
     failures = [read_failed]
     if split is not None:

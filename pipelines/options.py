@@ -19,6 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 from models import defaults
 from transforms.decode import DEFAULT_MAX_PIXELS
 from transforms.patches import FORMATS
+from transforms.plan import DEFAULT_MAX_IMAGE_BYTES
 from transforms.segment import DEFAULT_BATCH_SIZE
 from transforms.split import MODES
 
@@ -79,6 +80,10 @@ def add_input_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--voc-annotations", action="store_true",
                    help="Read Pascal-VOC lesion boxes from the .xml beside each loose image and record a "
                         "lesion_count per patch.")
+    g.add_argument("--max-image-bytes", type=_positive, default=DEFAULT_MAX_IMAGE_BYTES, metavar="N",
+                   help="An image (file, archive member, Parquet cell) larger than this fails without being read: "
+                        "checked against the size its container declares, then again while reading "
+                        "(default: %(default)s, well above any real photo; raise it for huge uncompressed TIFF/BMP).")
 
 
 

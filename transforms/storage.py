@@ -110,25 +110,34 @@ def has_entries(url: str) -> bool:
     return fs.exists(path) and bool(fs.ls(path))
 
 
+def _url(fs: AbstractFileSystem, url: str, path: str) -> str:
+    """A listed path in the form ``url`` was given in: with its protocol if it had one."""
+    return fs.unstrip_protocol(path) if "://" in url else path
+
+
 def _full(fs: AbstractFileSystem, url: str, paths: Sequence[str]) -> list[str]:
-    """Listed paths in the form ``url`` was given in: with its protocol if it had one."""
-    return sorted(fs.unstrip_protocol(p) if "://" in url else p for p in paths)
+    return sorted(_url(fs, url, p) for p in paths)
 
 
-def expand_pattern(pattern: str, in_folder: Callable[[str], bool]) -> list[str]:
-    """All files a pattern names, as full URLs, in sorted order.
+def expand_pattern(pattern: str, in_folder: Callable[[str], bool]) -> list[tuple[str, Optional[int]]]:
+    """All files a pattern names, as (full URL, size), in sorted order.
 
     A folder means the files below it that ``in_folder`` accepts. A file named outright, or
-    matched by a glob, always counts.
+    matched by a glob, always counts. Sizes come with the listing, without another request
+    (None where a store does not list them).
     """
     fs, path = filesystem(pattern)
     if any(ch in path for ch in "*?["):
-        paths = fs.glob(path)
+        found = fs.glob(path, detail=True)
     elif fs.isdir(path):
-        paths = [p for p in fs.find(path) if in_folder(p)]
+        found = {p: info for p, info in fs.find(path, detail=True).items() if in_folder(p)}
     else:
-        paths = [path] if fs.exists(path) else []
-    return _full(fs, pattern, [p for p in paths if not fs.isdir(p)])
+        try:
+            found = {path: fs.info(path)}
+        except FileNotFoundError:
+            found = {}
+    return sorted((_url(fs, pattern, p), info.get("size")) for p, info in found.items()
+                  if info.get("type") != "directory")
 
 
 def find_files(url: str, suffix: str) -> list[str]:
