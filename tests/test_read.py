@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 import zipfile
 from pathlib import Path
@@ -272,3 +273,63 @@ def test_a_zip_member_that_inflates_past_its_declared_size_is_cut_off_there(tmp_
     (tmp_path / "liar.zip").write_bytes(bytes(data))
     expect_read(pipeline, [str(tmp_path / "liar.zip")], [], [("00009", "read", "Bad CRC-32")],
                 max_image_bytes=LIMIT)
+
+
+@pytest.mark.parametrize("content, limit, words", [
+    (b"image_id,label\n" + b"a,1\n" * 100, ("MAX_LABELS_BYTES", 100), "is 415 bytes, over the 100 a job reads"),
+    (b"image_id,label\n" + b"x" * 5000, ("MAX_LABEL_LINE_CHARS", 1000), "line 2 is over 1,000 characters long"),
+    (b'image_id,label\na,1\nb,"' + b"x\n" * 70_000, None, "after line 2: field larger than field limit"),
+    (b"image_id,label\na,\xff\xfe\n", None, "not a readable CSV text file"),
+], ids=["huge", "endless-line", "runaway-quote", "not-utf8"])
+def test_huge_or_malformed_label_files_fail_fast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, limit, words: str
+) -> None:
+    if limit:
+        monkeypatch.setattr(sidefiles, *limit)
+    (tmp_path / "labels.csv").write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(words)):
+        load_labels(LabelFiles((str(tmp_path / "labels.csv"),), "image_id", "label"))
+
+
+def test_huge_ffhq_metadata_or_an_endless_entry_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ffhq.json").write_text('{"1": {"category": "training", "blob": "' + "x" * 5000 + '"}}')
+    monkeypatch.setattr(sidefiles, "MAX_JSON_ENTRY_CHARS", 1000)
+    monkeypatch.setattr(sidefiles, "JSON_CHUNK_CHARS", 100)
+    with pytest.raises(InputError, match="a value over 1,000 characters long"):
+        load_ffhq_categories(str(tmp_path / "ffhq.json"))
+    monkeypatch.setattr(sidefiles, "MAX_FFHQ_METADATA_BYTES", 1000)
+    with pytest.raises(InputError, match=r"FFHQ metadata .* is 5,\d+ bytes, over the 1,000 a job reads"):
+        load_ffhq_categories(str(tmp_path / "ffhq.json"))
+
+
+BILLION_LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
+<annotation><object><name>&lol3;</name><bndbox><xmin>1</xmin></bndbox></object></annotation>"""
+EXTERNAL = b"""<?xml version="1.0"?>
+<!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]><annotation><name>&x;</name></annotation>"""
+
+
+def test_voc_files_that_declare_entities_are_huge_or_malformed_fail_their_image_only(
+    tmp_path: Path, pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sidefiles, "MAX_VOC_BYTES", 2000)
+    annotations = {
+        "laughs": BILLION_LAUGHS, "external": EXTERNAL, "huge": b"<annotation>" + b" " * 3000 + b"</annotation>",
+        "broken": b"<annotation><bndbox>", "nan": b"<annotation><bndbox><xmin>left</xmin></bndbox></annotation>",
+        "good": b"<annotation><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>5</xmax><ymax>9</ymax></bndbox></annotation>",
+    }
+    for name, xml in annotations.items():
+        (tmp_path / f"{name}.png").write_bytes(PNG)
+        (tmp_path / f"{name}.xml").write_bytes(xml)
+    with pipeline() as p:
+        records, failures, _ = p | ReadImages([str(tmp_path)], voc_annotations=True)
+        assert_that(records | beam.Map(lambda r: (r.image_id, r.meta["lesions"])), equal_to([("good", [(1, 2, 5, 9)])]),
+                    label="records")
+        assert_that(failures | beam.Map(lambda o: (o.image_id, o.stage, o.reason)), failures_like([
+            ("broken", "read", "unreadable VOC annotation: ParseError"),
+            ("external", "read", "unreadable VOC annotation: DTDForbidden"),
+            ("huge", "read", "is over 2,000 bytes"),
+            ("laughs", "read", "unreadable VOC annotation: DTDForbidden"),
+            ("nan", "read", "unreadable VOC annotation: ValueError"),
+        ]), label="failed")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import zipfile
 from collections import OrderedDict
 from typing import Any, Iterable, Iterator, Optional, Sequence
-from xml.etree import ElementTree
 
 import apache_beam as beam
 import pyarrow as pa
@@ -26,7 +25,9 @@ from apache_beam.utils.shared import Shared
 from transforms.plan import DEFAULT_MAX_IMAGE_BYTES, STAGE, BytesOverLimit, PlanShards, input_files
 from transforms.records import ImageRecord, ImageRef, Outcome
 from transforms.resume import SkipDone
-from transforms.sidefiles import LabelFiles, load_ffhq_categories, load_labels, voc_boxes
+from transforms.sidefiles import (
+    AnnotationError, LabelFiles, load_ffhq_categories, load_labels, voc_boxes,
+)
 from transforms.storage import open_exact, read_range, with_retries
 from transforms.tfrecord import example_pixels, unframe
 
@@ -209,7 +210,7 @@ class ReadBytes(beam.DoFn):
         if self._voc and ref.kind == "image":
             try:
                 meta["lesions"] = voc_boxes(ref.shard_uri)
-            except ElementTree.ParseError as exc:
+            except AnnotationError as exc:
                 return Outcome.failed(ref.image_id, ref.source_uri, STAGE, f"unreadable VOC annotation: {exc}")
         shape = None
         if ref.kind == "tfrecord":

@@ -82,10 +82,10 @@ def open_exact(url: str) -> Any:
     return fs.open(path, "rb", cache_type="none")
 
 
-def read_bytes(url: str) -> bytes:
-    """The whole object, in one request where the store allows it."""
+def file_size(url: str) -> Optional[int]:
+    """The object's size as the store lists it (None where it does not say)."""
     fs, path = filesystem(url)
-    return fs.cat_file(path)
+    return fs.size(path)
 
 
 def read_range(url: str, start: int, length: int) -> bytes:
