@@ -15,7 +15,9 @@ from typing import Any, Mapping, Optional, Sequence
 import apache_beam as beam
 
 from models.dataset import PATCH_SCHEMA, PATCHES_DIR, SPLITS
-from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start
+from pipelines.common import (
+    JobOutputs, OutputHold, Prepared, cli, complete, finish_job, prepare, segmented_faces, start,
+)
 from pipelines.config import DatasetConfig
 from pipelines.options import (
     add_encode_flags, add_input_flags, add_output_flags, add_patch_flags, add_segment_flags, add_split_flags, parse,
@@ -75,12 +77,13 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
     config = DatasetConfig.from_flags(flags)
     prepared = prepare(config, options)
-    checkpoints = {"segmenter": {"uri": config.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}
-    prepared = start(config, prepared, "build_dataset", checkpoints, {PATCHES_DIR: patch_rows_of})
-    p = pipeline or beam.Pipeline(options=options)
-    tables = [f"{PATCHES_DIR}/{s}" for s in SPLITS]
-    finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared), prepared.run)
-    return complete(p.run(), config.output)
+    with OutputHold(prepared.lock, options) as hold:
+        checkpoints = {"segmenter": {"uri": config.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}
+        prepared = start(config, prepared, "build_dataset", checkpoints, {PATCHES_DIR: patch_rows_of})
+        p = pipeline or beam.Pipeline(options=options)
+        tables = [f"{PATCHES_DIR}/{s}" for s in SPLITS]
+        finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared), prepared)
+        return complete(hold.submit(p), config.output)
 
 
 if __name__ == "__main__":

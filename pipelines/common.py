@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 import apache_beam as beam
 import torch
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineState
 
 from models.checkpoint import CheckpointError
 from models.dataset import (
@@ -32,6 +33,7 @@ from models.classifier import Classifier
 from models.segmenter import Segmenter
 from transforms.decode import DecodeImages
 from transforms.finish import Finish, WriteOutcomes, package_versions
+from transforms.lock import OutputLock, release, take
 from transforms.plan import check_patterns
 from transforms.read import ReadImages
 from transforms.resume import RUN_FLAGS, Families, RunStart, start_run
@@ -77,6 +79,7 @@ class Prepared:
     segmenter_sha256: str
     classifier_sha256: Optional[str] = None
     run: RunStart = RunStart(run=1)
+    lock: Optional[OutputLock] = None
 
 
 def workers_run_here(options: Optional[PipelineOptions]) -> bool:
@@ -87,7 +90,7 @@ def workers_run_here(options: Optional[PipelineOptions]) -> bool:
 
 
 def prepare(config: JobConfig, options: Optional[PipelineOptions] = None) -> Prepared:
-    """Check everything that can be checked before the job starts; clear the output last.
+    """Check everything that can be checked before the job starts; then take the output (its lock) and clear it.
 
     ``options`` tell where the workers run: ``--device cuda`` is only checked against this
     machine when they run here (a Dataflow launcher has no GPU; its GPU workers do).
@@ -109,13 +112,53 @@ def prepare(config: JobConfig, options: Optional[PipelineOptions] = None) -> Pre
         if config.ffhq_metadata:
             log.info("FFHQ categories for %d face(s) in %s", len(load_ffhq_categories(config.ffhq_metadata)),
                      config.ffhq_metadata)
-        prepare_output(config.output, config.overwrite, config.resume)
+        remote = None if workers_run_here(options) else str(options.view_as(StandardOptions).runner)
+        lock = take(config.output, takeover=config.overwrite or config.resume, remote_runner=remote)
+        try:
+            prepare_output(config.output, config.overwrite, config.resume)
+        except BaseException:
+            release(lock)
+            raise
     except CONFIG_ERRORS as exc:
         raise JobConfigError(str(exc)) from exc
     log.info(
         "found %d input file(s); segmenter %s (sha256 %s)", files, config.segmenter_checkpoint, segmenter.sha256[:12]
     )
-    return Prepared(labels, config.ffhq_metadata, segmenter.sha256, classifier.sha256 if classifier else None)
+    return Prepared(labels, config.ffhq_metadata, segmenter.sha256, classifier.sha256 if classifier else None, lock=lock)
+
+
+class OutputHold:
+    """The launcher's part in the output's lock: it releases it when the job failed and has certainly ended.
+
+    A job that ends well releases the lock itself (``Finish``). A job on a local runner ends with
+    its launcher; a remote one (Dataflow) only in a terminal state: a launcher that fails or dies
+    while its job runs says nothing about the job, which keeps the lock.
+    """
+
+    def __init__(self, lock: Optional[OutputLock], options: Optional[PipelineOptions]):
+        self._lock, self._local, self._result = lock, workers_run_here(options), None
+
+    def __enter__(self) -> OutputHold:
+        return self
+
+    def submit(self, p: beam.Pipeline) -> Any:
+        self._result = p.run()
+        return self._result
+
+    def _job_ended(self) -> bool:
+        if self._local or self._result is None:
+            return True
+        try:
+            return PipelineState.is_terminal(self._result.state)
+        except Exception:
+            return False  # the runner cannot be asked: the job may still run
+
+    def __exit__(self, failed: Optional[type], *_: Any) -> None:
+        if failed is not None and self._job_ended():
+            try:
+                release(self._lock)
+            except Exception as exc:  # the job's own error matters more
+                log.warning("could not release the lock of the failed job: %s: %s", type(exc).__name__, exc)
 
 
 def start(
@@ -173,10 +216,12 @@ def finish_job(
     checkpoints: dict[str, Any],
     tables: list[str],
     outputs: JobOutputs,
-    run: RunStart,
+    prepared: Prepared,
 ) -> None:
-    """Append the last steps: write every outcome, then the checked manifest."""
-    outcome_files, outcomes = tuple(outputs.outcomes) | "WriteOutcomes" >> WriteOutcomes(config.output, run.run)
+    """Append the last steps: write every outcome, then the checked manifest (which releases the output)."""
+    outcome_files, outcomes = tuple(outputs.outcomes) | "WriteOutcomes" >> WriteOutcomes(
+        config.output, prepared.run.run
+    )
     files = (*outputs.files, outcome_files) | "CommittedFiles" >> beam.Flatten()
     base = {
         "job": job,
@@ -185,7 +230,9 @@ def finish_job(
         "versions": package_versions(),
         "checkpoints": checkpoints,
     }
-    (outputs.inputs, outcomes, files) | "Finish" >> Finish(config.output, base, tables, config.min_face_skin, run)
+    (outputs.inputs, outcomes, files) | "Finish" >> Finish(
+        config.output, base, tables, config.min_face_skin, prepared.run, prepared.lock
+    )
 
 
 def complete(result: Any, output: str) -> dict[str, Any]:

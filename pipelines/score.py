@@ -17,7 +17,9 @@ from typing import Any, Mapping, Optional, Sequence
 import apache_beam as beam
 
 from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR, read_manifest
-from pipelines.common import JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start
+from pipelines.common import (
+    JobOutputs, OutputHold, Prepared, cli, complete, finish_job, prepare, segmented_faces, start,
+)
 from pipelines.config import ScoreConfig
 from pipelines.options import (
     add_input_flags, add_output_flags, add_patch_flags, add_score_flags, add_segment_flags, parse,
@@ -102,16 +104,19 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION)
     config = ScoreConfig.from_flags(flags)
     prepared = prepare(config, options)
-    checkpoints = {
-        "segmenter": segmenter_of(config, prepared),
-        "classifier": {"uri": config.classifier_checkpoint, "sha256": prepared.classifier_sha256},
-    }
-    families = {SCORES_DIR: score_rows_of, **({PATCH_SCORES_DIR: patch_score_rows_of} if config.patch_table else {})}
-    prepared = start(config, prepared, "score", checkpoints, families)
-    p = pipeline or beam.Pipeline(options=options)
-    tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if config.patch_table else [])
-    finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints), prepared.run)
-    return complete(p.run(), config.output)
+    with OutputHold(prepared.lock, options) as hold:
+        checkpoints = {
+            "segmenter": segmenter_of(config, prepared),
+            "classifier": {"uri": config.classifier_checkpoint, "sha256": prepared.classifier_sha256},
+        }
+        families = {
+            SCORES_DIR: score_rows_of, **({PATCH_SCORES_DIR: patch_score_rows_of} if config.patch_table else {})
+        }
+        prepared = start(config, prepared, "score", checkpoints, families)
+        p = pipeline or beam.Pipeline(options=options)
+        tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if config.patch_table else [])
+        finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints), prepared)
+        return complete(hold.submit(p), config.output)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ import logging
 import time
 from dataclasses import asdict
 from importlib import metadata
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, OUTCOME_SCHEMA, join, write_manifest
+from transforms.lock import OutputLock, release
 from transforms.records import FAILED, FILTERED, KEPT, Outcome
 from transforms.report import write_report
 from transforms.resume import RunStart
@@ -155,15 +156,17 @@ def accounting(inputs: int, tally: Mapping[str, int], face_rows: int) -> dict[st
     }
 
 
-def finish(root: str, manifest: dict[str, Any]) -> None:
-    """Remove temporary files, then write the manifest: the commit marker, always last."""
+def finish(root: str, manifest: dict[str, Any], lock: Optional[OutputLock] = None) -> None:
+    """Remove temporary files, then write the manifest: the commit marker, always last. Then let the output go."""
     remove(join(root, TEMP_DIR))
     write_manifest(root, manifest)
+    release(lock)
 
 
 def _write_manifest(
     _: None, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float, launched_at: float,
-    start: RunStart, inputs: int, tally: Mapping[str, int], committed: Sequence[Sequence[str]],
+    start: RunStart, lock: Optional[OutputLock], inputs: int, tally: Mapping[str, int],
+    committed: Sequence[Sequence[str]],
 ) -> dict[str, Any]:
     rows = row_counts(root, [FACES_DIR, ERRORS_DIR, *tables])
     # Images an earlier run finished were skipped here; the books cover every input of every run.
@@ -187,7 +190,7 @@ def _write_manifest(
         "runs": [*start.runs, this_run],
         "report": write_report(root, base["job"], min_face_skin),
     }
-    finish(root, manifest)
+    finish(root, manifest, lock)
     return manifest
 
 
@@ -195,9 +198,9 @@ class Finish(beam.PTransform):
     """(input count, outcomes, committed file lists) -> the manifest, written once everything else is."""
 
     def __init__(self, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float,
-                 start: RunStart = RunStart(run=1)):
+                 start: RunStart = RunStart(run=1), lock: Optional[OutputLock] = None):
         super().__init__()
-        self._args = (root, dict(base), list(tables), min_face_skin, time.time(), start)
+        self._args = (root, dict(base), list(tables), min_face_skin, time.time(), start, lock)
 
     def expand(self, pcolls: tuple[beam.PCollection, beam.PCollection, beam.PCollection]) -> beam.PCollection:
         inputs, outcomes, committed = pcolls

@@ -104,12 +104,6 @@ def is_dir(url: str) -> bool:
     return fs.isdir(path)
 
 
-def has_entries(url: str) -> bool:
-    """Whether ``url`` exists and is not an empty folder."""
-    fs, path = filesystem(url)
-    return fs.exists(path) and bool(fs.ls(path))
-
-
 def _url(fs: AbstractFileSystem, url: str, path: str) -> str:
     """A listed path in the form ``url`` was given in: with its protocol if it had one."""
     return fs.unstrip_protocol(path) if "://" in url else path
@@ -146,6 +140,26 @@ def find_files(url: str, suffix: str) -> list[str]:
     if not fs.isdir(path):
         return []
     return _full(fs, url, [p for p in fs.find(path) if p.endswith(suffix)])
+
+
+def create_exclusive(url: str, data: bytes) -> None:
+    """Write a new object holding ``data``; ``FileExistsError`` if one is already there.
+
+    Atomic where the store can refuse a second create in the write itself: O_EXCL on a local
+    disk, ``If-None-Match: *`` on S3, ``ifGenerationMatch=0`` on GCS (fsspec's ``xb`` mode). Other
+    stores get the check before the write, which two simultaneous writers can both pass.
+    """
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        raise FileExistsError(url)
+    with fs.open(path, "xb") as f:
+        f.write(data)
+
+
+def entries(url: str) -> list[str]:
+    """The full URLs of what a folder holds directly ([] if it does not exist)."""
+    fs, path = filesystem(url)
+    return _full(fs, url, fs.ls(path, detail=False)) if fs.exists(path) else []
 
 
 def makedirs(url: str) -> None:
