@@ -79,7 +79,7 @@ class Prepared:
     segmenter_sha256: str
     classifier_sha256: Optional[str] = None
     run: RunStart = RunStart(run=1)
-    lock: Optional[OutputLock] = None
+    lock: Optional[OutputLock] = None  # this job's hold on the output; Finish lets it go
 
 
 def workers_run_here(options: Optional[PipelineOptions]) -> bool:
@@ -124,7 +124,8 @@ def prepare(config: JobConfig, options: Optional[PipelineOptions] = None) -> Pre
     log.info(
         "found %d input file(s); segmenter %s (sha256 %s)", files, config.segmenter_checkpoint, segmenter.sha256[:12]
     )
-    return Prepared(labels, config.ffhq_metadata, segmenter.sha256, classifier.sha256 if classifier else None, lock=lock)
+    classifier_sha256 = classifier.sha256 if classifier else None
+    return Prepared(labels, config.ffhq_metadata, segmenter.sha256, classifier_sha256, lock=lock)
 
 
 class OutputHold:

@@ -195,7 +195,8 @@ def _write_manifest(
 
 
 class Finish(beam.PTransform):
-    """(input count, outcomes, committed file lists) -> the manifest, written once everything else is."""
+    """(input count, outcomes, committed file lists) -> the manifest, written once everything else is; then
+    the output's lock is released."""
 
     def __init__(self, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float,
                  start: RunStart = RunStart(run=1), lock: Optional[OutputLock] = None):

@@ -101,6 +101,15 @@ def take(root: str, takeover: bool, remote_runner: Optional[str] = None) -> Outp
     ``remote_runner`` names the runner when the job's workers run elsewhere: this process's
     death will then say nothing about the job's.
     """
+    try:
+        return _take(root, takeover, remote_runner)
+    except OutputError:
+        raise
+    except Exception as exc:
+        raise OutputError(f"cannot take output {root} for this job: {type(exc).__name__}: {exc}") from exc
+
+
+def _take(root: str, takeover: bool, remote_runner: Optional[str]) -> OutputLock:
     refusal = bucket_refusal(root, "output")
     if refusal:
         raise OutputError(refusal)  # before makedirs, which would create a missing S3 bucket
