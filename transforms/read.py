@@ -101,7 +101,9 @@ class _ShardReader:
             raise EOFError(f"{what} is truncated: {len(data)} of {ref.size} bytes present")
         return unframe(data, ref.offset) if ref.kind == "tfrecord" else data
 
-    def read_row_group(self, refs: Sequence[ImageRef]) -> Iterator[tuple[ImageRef, bytes | BytesOverLimit | None]]:
+    def read_row_group(
+        self, refs: Sequence[ImageRef]
+    ) -> Iterator[tuple[ImageRef, bytes | BytesOverLimit | None]]:
         """Each ref's cell, a cell at a time; the row group itself is read (and may fail) first."""
         first = refs[0]
 
@@ -116,7 +118,8 @@ class _ShardReader:
             lambda: self._forget(first.shard_uri),
         )
         # Sizes first: an oversized cell is never copied out of Arrow's buffers.
-        sizes = [n for chunk in cells.chunks for n in pc.binary_length(chunk.dictionary).take(chunk.indices).to_pylist()]
+        sizes = [n for chunk in cells.chunks
+                 for n in pc.binary_length(chunk.dictionary).take(chunk.indices).to_pylist()]
         return ((ref, self._cell(cells, sizes[ref.row], ref)) for ref in refs)
 
     def _cell(self, cells: pa.ChunkedArray, size: Optional[int], ref: ImageRef) -> bytes | BytesOverLimit | None:
