@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "s3fs==2026.9.0",
     "opencv-python-headless==5.0.0.93",
     "pillow==12.3.0",
+    "defusedxml==0.7.1",  # VOC annotations: entity declarations are refused, never expanded
     "matplotlib==3.11.2",
 ]
 

@@ -94,7 +94,7 @@ def classify(model: Classifier, patches: Sequence[np.ndarray], batch_size: int, 
 
 
 def image_files(patterns: Sequence[str]) -> list[str]:
-    return sorted(f for p in patterns for f in input_files(p) if shard_kind(f) == "image")
+    return sorted(f for p in patterns for f, _ in input_files(p) if shard_kind(f) == "image")
 
 
 def run_steps(record: ImageRecord, steps: Sequence[Step]) -> ImageRecord | Outcome:

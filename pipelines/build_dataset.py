@@ -18,7 +18,7 @@ import apache_beam as beam
 
 from models.dataset import PATCH_SCHEMA, PATCHES_DIR, SPLITS
 from pipelines.common import (
-    JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start, workers_run_here,
+    JobOutputs, OutputHold, Prepared, cli, complete, finish_job, prepare, segmented_faces, start, workers_run_here,
 )
 from pipelines.config import DatasetConfig
 from pipelines.options import (
@@ -96,15 +96,16 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION, EXAMPLES)
     config = DatasetConfig.from_flags(flags)
     prepared = prepare(config, options)
-    checkpoints = {"segmenter": {"uri": config.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}
-    prepared = start(config, prepared, "build_dataset", checkpoints, {PATCHES_DIR: patch_rows_of})
-    p = pipeline or beam.Pipeline(options=options)
-    tables = [f"{PATCHES_DIR}/{s}" for s in SPLITS]
-    with ShowProgress(workers_run_here(options), skipped=prepared.run.carried_images) as progress:
-        prepared = replace(prepared, progress=progress.folder)
-        finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared), prepared)
-        result = progress.run(p)
-    return complete(result, config.output)
+    with OutputHold(prepared.lock, options) as hold:
+        checkpoints = {"segmenter": {"uri": config.segmenter_checkpoint, "sha256": prepared.segmenter_sha256}}
+        prepared = start(config, prepared, "build_dataset", checkpoints, {PATCHES_DIR: patch_rows_of})
+        p = pipeline or beam.Pipeline(options=options)
+        tables = [f"{PATCHES_DIR}/{s}" for s in SPLITS]
+        with ShowProgress(workers_run_here(options), skipped=prepared.run.carried_images) as progress:
+            prepared = replace(prepared, progress=progress.folder)
+            finish_job(config, argv, "build_dataset", checkpoints, tables, build(p, config, prepared), prepared)
+            result = hold.submit(p, progress.run)
+        return complete(result, config.output)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 import apache_beam as beam
 import torch
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineState
 
 from models.checkpoint import CheckpointError
 from models.dataset import (
@@ -33,6 +34,7 @@ from models.segmenter import Segmenter
 from transforms.card import command
 from transforms.decode import DecodeImages
 from transforms.finish import Finish, WriteOutcomes, package_versions
+from transforms.lock import OutputLock, release, take
 from transforms.plan import check_patterns
 from transforms.read import ReadImages
 from transforms.resume import RUN_FLAGS, Families, RunStart, start_run
@@ -79,6 +81,7 @@ class Prepared:
     classifier_sha256: Optional[str] = None
     run: RunStart = RunStart(run=1)
     progress: Optional[str] = None  # where workers count progress for the launcher's bar (transforms.progress)
+    lock: Optional[OutputLock] = None  # this job's hold on the output; Finish lets it go
 
 
 def workers_run_here(options: Optional[PipelineOptions]) -> bool:
@@ -89,7 +92,7 @@ def workers_run_here(options: Optional[PipelineOptions]) -> bool:
 
 
 def prepare(config: JobConfig, options: Optional[PipelineOptions] = None) -> Prepared:
-    """Check everything that can be checked before the job starts; clear the output last.
+    """Check everything that can be checked before the job starts; then take the output (its lock) and clear it.
 
     ``options`` tell where the workers run: ``--device cuda`` is only checked against this
     machine when they run here (a Dataflow launcher has no GPU; its GPU workers do).
@@ -111,13 +114,55 @@ def prepare(config: JobConfig, options: Optional[PipelineOptions] = None) -> Pre
         if config.ffhq_metadata:
             log.info("FFHQ categories for %d face(s) in %s", len(load_ffhq_categories(config.ffhq_metadata)),
                      config.ffhq_metadata)
-        prepare_output(config.output, config.overwrite, config.resume)
+        remote = None if workers_run_here(options) else str(options.view_as(StandardOptions).runner)
+        lock = take(config.output, takeover=config.overwrite or config.resume, remote_runner=remote)
+        try:
+            prepare_output(config.output, config.overwrite, config.resume)
+        except BaseException:
+            release(lock)
+            raise
     except CONFIG_ERRORS as exc:
         raise JobConfigError(str(exc)) from exc
     log.info(
         "found %d input file(s); segmenter %s (sha256 %s)", files, config.segmenter_checkpoint, segmenter.sha256[:12]
     )
-    return Prepared(labels, config.ffhq_metadata, segmenter.sha256, classifier.sha256 if classifier else None)
+    classifier_sha256 = classifier.sha256 if classifier else None
+    return Prepared(labels, config.ffhq_metadata, segmenter.sha256, classifier_sha256, lock=lock)
+
+
+class OutputHold:
+    """The launcher's part in the output's lock: it releases it when the job failed and has certainly ended.
+
+    A job that ends well releases the lock itself (``Finish``). A job on a local runner ends with
+    its launcher; a remote one (Dataflow) only in a terminal state: a launcher that fails or dies
+    while its job runs says nothing about the job, which keeps the lock.
+    """
+
+    def __init__(self, lock: Optional[OutputLock], options: Optional[PipelineOptions]):
+        self._lock, self._local, self._result = lock, workers_run_here(options), None
+
+    def __enter__(self) -> OutputHold:
+        return self
+
+    def submit(self, p: beam.Pipeline, run: Callable[[beam.Pipeline], Any] = beam.Pipeline.run) -> Any:
+        """``run(p)`` (by default ``p.run()``), remembering the result to ask about the job's state."""
+        self._result = run(p)
+        return self._result
+
+    def _job_ended(self) -> bool:
+        if self._local or self._result is None:
+            return True
+        try:
+            return PipelineState.is_terminal(self._result.state)
+        except Exception:
+            return False  # the runner cannot be asked: the job may still run
+
+    def __exit__(self, failed: Optional[type], *_: Any) -> None:
+        if failed is not None and self._job_ended():
+            try:
+                release(self._lock)
+            except Exception as exc:  # the job's own error matters more
+                log.warning("could not release the lock of the failed job: %s: %s", type(exc).__name__, exc)
 
 
 def start(
@@ -158,7 +203,7 @@ def segmented_faces(
     """
     records, read_failed, inputs = p | "Read" >> ReadImages(
         config.input, prepared.labels, prepared.ffhq_metadata, config.voc_annotations, prepared.run.done_list,
-        prepared.progress,
+        prepared.progress, config.max_image_bytes,
     )
     failures = [read_failed]
     if split is not None:
@@ -179,7 +224,7 @@ def finish_job(
     outputs: JobOutputs,
     prepared: Prepared,
 ) -> None:
-    """Append the last steps: write every outcome, then the checked manifest."""
+    """Append the last steps: write every outcome, then the checked manifest (which releases the output)."""
     run = prepared.run
     outcome_files, outcomes = tuple(outputs.outcomes) | "WriteOutcomes" >> WriteOutcomes(
         config.output, run.run, prepared.progress
@@ -195,7 +240,7 @@ def finish_job(
         "checkpoints": checkpoints,
     }
     (outputs.inputs, outcomes, files, outputs.samples) | "Finish" >> Finish(
-        config.output, base, tables, config.min_face_skin, run
+        config.output, base, tables, config.min_face_skin, run, prepared.lock
     )
 
 

@@ -37,6 +37,7 @@ class JobConfig:
     label_column: str
     ffhq_metadata: Optional[str]
     voc_annotations: bool
+    max_image_bytes: int
     segmenter_checkpoint: str
     device: str
     batch_size: int

@@ -4,12 +4,14 @@ A public ``add_*_flags`` function adds each group to a parser; both jobs list th
 they take, and ``job_parser`` builds their parser from those functions. ``AcneOptions`` is
 the same flags as one Beam ``PipelineOptions`` subclass (its ``_add_argparse_args`` override
 is Beam's documented hook), so Beam knows them too, e.g. for ``view_as(AcneOptions)``.
-Anything that is not one of these flags is a Beam flag (``--runner``, ``--direct_num_workers``,
-``--project``...) and goes to Beam untouched.
+Anything that is not one of these flags must be a Beam flag (``--runner``, ``--direct_num_workers``,
+``--project``...) and goes to Beam untouched. A flag that neither the job nor Beam knows stops the
+job before any work: Beam would only log a warning and run with the default.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import weakref
 from typing import Callable, Sequence
 
@@ -18,6 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from models import defaults
 from transforms.decode import DEFAULT_MAX_PIXELS
 from transforms.patches import FORMATS
+from transforms.plan import DEFAULT_MAX_IMAGE_BYTES
 from transforms.segment import DEFAULT_BATCH_SIZE
 from transforms.split import MODES
 
@@ -102,6 +105,10 @@ def add_input_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--voc-annotations", action="store_true",
                    help="Read Pascal-VOC lesion boxes from the .xml beside each loose image and record a "
                         "lesion_count per patch.")
+    g.add_argument("--max-image-bytes", type=_positive, default=DEFAULT_MAX_IMAGE_BYTES, metavar="N",
+                   help="An image (file, archive member, Parquet cell) larger than this fails without being read: "
+                        "checked against the size its container declares, then again while reading "
+                        "(default: %(default)s, well above any real photo; raise it for huge uncompressed TIFF/BMP).")
 
 
 def add_segment_flags(parser: argparse.ArgumentParser) -> None:
@@ -219,12 +226,43 @@ def job_parser(groups: Sequence[FlagGroup], prog: str, description: str, example
     return parser
 
 
+def _dest(flag: str) -> str:
+    """The options key argparse gives a flag: ``--min-face-skin=0.3`` -> ``min_face_skin``."""
+    return flag.split("=", 1)[0].lstrip("-").replace("-", "_")
+
+
+def unknown_flags(beam_args: Sequence[str], own: Sequence[str]) -> list[str]:
+    """The flags in ``beam_args`` that neither Beam nor this job takes, each with a suggestion if one is close.
+
+    ``own`` are this job's option keys. Beam parses ``beam_args`` itself (``get_all_options``), so
+    its aliases and negated flags count as known; what it would keep only as an unknown option is
+    a typo. A flag of the other job is known to Beam through ``AcneOptions`` but unused here.
+    """
+    known = PipelineOptions([]).get_all_options()
+    parsed = PipelineOptions(list(beam_args)).get_all_options(retain_unknown_options=True)
+    typos = set(parsed) - set(known)
+    other_job = set(job_parser(ALL_FLAG_GROUPS, "", "").parse_known_args([])[0].__dict__) - set(own)
+    spellings = [f"--{key.replace('_', '-')}" for key in own] + [f"--{key}" for key in known if key not in other_job]
+    problems = []
+    for arg in beam_args:
+        if not arg.startswith("-") or _dest(arg) not in typos | other_job:
+            continue
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name, spellings, n=1)
+        problems.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return problems
+
+
 def parse(
     argv: Sequence[str] | None, groups: Sequence[FlagGroup], prog: str, description: str, examples: str = ""
 ) -> tuple[argparse.Namespace, PipelineOptions]:
-    """Parse job flags (printing --help, rejecting bad values) and hand every other flag to Beam."""
+    """Parse job flags (printing --help, rejecting bad values and unknown flags) and hand Beam's flags to Beam."""
     parser = job_parser(groups, prog, description, examples)
     flags, beam_args = parser.parse_known_args(argv)
+    unknown = unknown_flags(beam_args, list(vars(flags)))
+    if unknown:
+        parser.error(f"unknown flag(s): {', '.join(unknown)}. Neither {prog.split('.')[-1]} nor Beam knows them "
+                     "(Beam would drop them and run with the defaults); see --help.")
     if not flags.input:
         parser.error("--input is required: pass one or more paths, globs or URLs")
     if not flags.output:

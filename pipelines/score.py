@@ -19,7 +19,7 @@ import apache_beam as beam
 
 from models.dataset import PATCH_SCORE_SCHEMA, PATCH_SCORES_DIR, SCORE_SCHEMA, SCORES_DIR, read_manifest
 from pipelines.common import (
-    JobOutputs, Prepared, cli, complete, finish_job, prepare, segmented_faces, start, workers_run_here,
+    JobOutputs, OutputHold, Prepared, cli, complete, finish_job, prepare, segmented_faces, start, workers_run_here,
 )
 from pipelines.config import ScoreConfig
 from pipelines.options import (
@@ -116,21 +116,24 @@ def run(argv: Optional[Sequence[str]] = None, pipeline: Optional[beam.Pipeline] 
     flags, options = parse(argv, OPTION_GROUPS, PROG, DESCRIPTION, EXAMPLES)
     config = ScoreConfig.from_flags(flags)
     prepared = prepare(config, options)
-    checkpoints = {
-        "segmenter": segmenter_of(config, prepared),
-        "classifier": {"uri": config.classifier_checkpoint, "sha256": prepared.classifier_sha256},
-    }
-    families = {SCORES_DIR: score_rows_of, **({PATCH_SCORES_DIR: patch_score_rows_of} if config.patch_table else {})}
-    prepared = start(config, prepared, "score", checkpoints, families)
-    p = pipeline or beam.Pipeline(options=options)
-    tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if config.patch_table else [])
-    # A patch dataset's faces are known from its manifest; other inputs' from planning them.
-    total = read_manifest(config.input[0])["accounting"]["kept"] if is_patch_dataset(config.input[0]) else None
-    with ShowProgress(workers_run_here(options), total, prepared.run.carried_images) as progress:
-        prepared = replace(prepared, progress=progress.folder)
-        finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints), prepared)
-        result = progress.run(p)
-    return complete(result, config.output)
+    with OutputHold(prepared.lock, options) as hold:
+        checkpoints = {
+            "segmenter": segmenter_of(config, prepared),
+            "classifier": {"uri": config.classifier_checkpoint, "sha256": prepared.classifier_sha256},
+        }
+        families = {
+            SCORES_DIR: score_rows_of, **({PATCH_SCORES_DIR: patch_score_rows_of} if config.patch_table else {})
+        }
+        prepared = start(config, prepared, "score", checkpoints, families)
+        p = pipeline or beam.Pipeline(options=options)
+        tables = [SCORES_DIR] + ([PATCH_SCORES_DIR] if config.patch_table else [])
+        # A patch dataset's faces are known from its manifest; other inputs' from planning them.
+        total = read_manifest(config.input[0])["accounting"]["kept"] if is_patch_dataset(config.input[0]) else None
+        with ShowProgress(workers_run_here(options), total, prepared.run.carried_images) as progress:
+            prepared = replace(prepared, progress=progress.folder)
+            finish_job(config, argv, "score", checkpoints, tables, build(p, config, prepared, checkpoints), prepared)
+            result = hold.submit(p, progress.run)
+        return complete(result, config.output)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,14 @@ def test_bad_checkpoint_fails_before_any_work(tmp_path: Path, sample_dir: Path) 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_malformed_label_file_fails_before_any_work(tmp_path: Path, sample_dir: Path) -> None:
+    """A quote that never closes would swallow the rest of the file into one label."""
+    (tmp_path / "labels.csv").write_bytes(b'image_id,label\n00000,1\n00001,"' + b"x\n" * 70_000)
+    with pytest.raises(JobConfigError, match="labels file .* is not a readable CSV text file after line 2"):
+        run(["--input", str(sample_dir), "--output", str(tmp_path / "out"), "--labels-csv", str(tmp_path / "labels.csv")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_mixed_bad_shards_never_stop_the_job(tmp_path: Path) -> None:
     """A corrupt tar member, a truncated member, a 16-bit and a grayscale face, a tiny image."""
     good = png_bytes(random_rgb(160, 160, seed=1))

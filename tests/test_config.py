@@ -54,3 +54,26 @@ def test_score_tiles_as_its_classifier_was_trained_unless_flags_say_otherwise(un
 def test_split_flags_are_refused_before_any_work(argv: list[str], message: str) -> None:
     with pytest.raises(JobConfigError, match=re.escape(message)):
         DatasetConfig.from_flags(_flags(build_dataset, *argv))
+
+
+def test_a_mistyped_flag_stops_the_job_before_any_work_with_beams_suggestion(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        build_dataset.run(["--input", str(tmp_path), "--output", str(output), "--min-face-skn", "0.9"])
+    assert stopped.value.code == 2
+    assert "unknown flag(s): --min-face-skn (did you mean --min-face-skin?)" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_a_flag_of_the_other_job_is_refused_and_beams_own_flags_pass() -> None:
+    with pytest.raises(SystemExit):
+        _flags(build_dataset, "--top-patches", "3")
+    flags, options = parse(
+        ["--input", "in", "--output", "out", "--min-face-skin", "0.3", "--direct_num_workers", "2",
+         "--project=p", "--labels", "team=acne"],
+        build_dataset.OPTION_GROUPS, build_dataset.PROG, build_dataset.DESCRIPTION,
+    )
+    assert flags.min_face_skin == 0.3
+    assert options.get_all_options()["direct_num_workers"] == 2 and options.get_all_options()["labels"] == ["team=acne"]

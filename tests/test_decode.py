@@ -95,3 +95,11 @@ def test_decode_stage_routes_failures_and_drops_the_bytes(pipeline) -> None:
             failed | beam.Map(lambda o: (o.image_id, o.status, o.stage, o.error_type)),
             equal_to([("bad", "failed", "decode", "DecodeError")]), label="failed",
         )
+
+
+def test_a_png_chunk_claiming_more_bytes_than_the_file_holds_is_refused_before_decoding() -> None:
+    """OpenCV would allocate the 4 GiB the length field claims (found by bench.fuzz_decode)."""
+    png = bytearray(png_bytes(random_rgb(32, 32)))
+    png[33:37] = struct.pack(">I", 0xFFFFFFFF)  # the length of the chunk after IHDR
+    with pytest.raises(DecodeError, match="chunk .* at byte 33 declares 4,294,967,295 bytes"):
+        decode_image(bytes(png))

@@ -34,6 +34,8 @@ from tests.scale_fixtures import (  # noqa: F401  (pytest fixtures)
     s3_server,
     tar_bytes,
 )
+from transforms.lock import release, take
+from transforms.sink import LOCK
 
 LOOSE, IN_TAR = 4, 4
 PATCHES_PER_FACE = (IMAGE_SIDE // PATCH) ** 2
@@ -152,3 +154,28 @@ def test_credentials_are_never_logged_or_recorded(
     assert "--s3_secret_access_key=***" in written
     errors = read_table(output, "errors").to_pylist()
     assert errors and all(S3_SECRET not in json.dumps(e) for e in errors)
+
+
+def test_one_job_per_output_in_a_bucket(store: dict[str, str]) -> None:
+    """A job holding a bucket output (here, this process) makes a second one refuse; released, the output is free."""
+    output = f"{store['out']}/held"
+    held = take(output, takeover=False)
+    with pytest.raises(JobConfigError, match="is in use by another job"):
+        build_dataset.run(_argv(store, output) + ["--overwrite"])
+    release(held)
+    assert build_dataset.run(_argv(store, output))["accounting"]["ok"]
+    fs, path = fsspec.core.url_to_fs(output)
+    assert not fs.exists(f"{path}/{LOCK}")
+
+
+def test_the_marker_is_created_by_one_conditional_write(store: dict[str, str]) -> None:
+    """What makes taking an output atomic on S3: the store itself refuses a second exclusive create."""
+    if store["scheme"] == "gs":
+        pytest.skip("the GCS emulator ignores ifGenerationMatch=0, which gcsfs sends and real GCS enforces")
+    fs, path = fsspec.core.url_to_fs(f"{store['out']}/exclusive/{LOCK}")
+    with fs.open(path, "xb") as f:
+        f.write(b"first")
+    with pytest.raises(FileExistsError):
+        with fs.open(path, "xb") as f:
+            f.write(b"second")
+    assert fs.cat_file(path) == b"first"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import tarfile
 import zipfile
 from pathlib import Path
@@ -207,3 +209,127 @@ def test_labels_and_ffhq_categories_reach_the_records_by_uri(tmp_path: Path, pip
             records | beam.Map(lambda r: (r.image_id, r.label, r.meta)),
             equal_to([("00001", "0", {"category": "validation"}), ("00002", "3", {"category": "training"})]),
         )
+
+
+LIMIT = 4096  # a small --max-image-bytes, so that over-limit images stay small on disk
+
+
+def test_images_whose_container_declares_more_than_the_limit_fail_unread(tmp_path: Path, pipeline) -> None:
+    """A loose file, a tar member, a zip member and a one-image Parquet row group, each over the limit."""
+    big = png_bytes(random_rgb(64, 64))
+    assert len(big) > LIMIT
+    (tmp_path / "00001.png").write_bytes(big)
+    (tmp_path / "00002.png").write_bytes(PNG)
+    write_tar(tmp_path / "s.tar", {"t/00003.png": big, "t/00004.png": PNG})
+    with zipfile.ZipFile(tmp_path / "s.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("00005.png", bytes(LIMIT * 100))  # compresses about 400:1
+        archive.writestr("00006.png", PNG)
+    pq.write_table(pa.table({"id": ["p7", "p8"], "png": pa.array([big, PNG], pa.binary())}),
+                   tmp_path / "s.parquet", row_group_size=1, compression="zstd")
+    expect_read(
+        pipeline, [str(tmp_path)], [("00002", None), ("00004", None), ("00006", None), ("p8", None)],
+        [
+            ("00001", "read", f"the file declares {len(big):,} bytes, over the limit of 4,096 (--max-image-bytes)"),
+            ("00003", "read", f"tar member t/00003.png declares {len(big):,} bytes, over the limit of 4,096"),
+            ("00005", "read", "zip member 00005.png ("),
+            ("p7", "read", "declares"),
+        ],
+        max_image_bytes=LIMIT,
+    )
+    zip_reason = [o.reason for o in plan_shard(str(tmp_path / "s.zip"), max_image_bytes=LIMIT)
+                  if isinstance(o, Outcome)][0]
+    assert ":1) declares 409,600 bytes, over the limit of 4,096 (--max-image-bytes); none of it was read" in zip_reason
+
+
+def test_a_parquet_cell_over_the_limit_fails_when_read_and_its_row_group_neighbours_pass(
+    tmp_path: Path, pipeline
+) -> None:
+    """Cells sharing a row group have no declared size of their own: each is checked as it is read."""
+    cells = [PNG, bytes(LIMIT + 1), PNG]
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "png": pa.array(cells, pa.binary())}), tmp_path / "rg.parquet")
+    expect_read(
+        pipeline, [str(tmp_path / "rg.parquet")], [("a", None), ("c", None)],
+        [("b", "read", f"holds {LIMIT + 1:,} bytes, over the limit of 4,096 (--max-image-bytes)")],
+        max_image_bytes=LIMIT,
+    )
+
+
+def test_a_row_group_too_big_to_read_whole_fails_its_images_with_how_to_fix_it(tmp_path: Path) -> None:
+    cells = [os.urandom(LIMIT) for _ in range(20)]  # each within the limit, together over 16 x the limit
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(20)], "png": pa.array(cells, pa.binary())}),
+                   tmp_path / "one-group.parquet", compression="none")
+    items = list(plan_shard(str(tmp_path / "one-group.parquet"), max_image_bytes=LIMIT))
+    assert len(items) == 20 and all(isinstance(i, Outcome) for i in items)
+    assert "over 16 x --max-image-bytes" in items[0].reason and "smaller row groups" in items[0].reason
+
+
+def test_a_zip_member_that_inflates_past_its_declared_size_is_cut_off_there(tmp_path: Path, pipeline) -> None:
+    """The directory says 100 bytes; the stream holds a megabyte of zeros. Reading stops at 100 bytes."""
+    with zipfile.ZipFile(tmp_path / "liar.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("00009.png", bytes(1 << 20))
+    data = bytearray((tmp_path / "liar.zip").read_bytes())
+    size_at = data.rindex(b"PK\x01\x02") + 24  # the central directory's uncompressed size
+    data[size_at : size_at + 4] = (100).to_bytes(4, "little")
+    (tmp_path / "liar.zip").write_bytes(bytes(data))
+    expect_read(pipeline, [str(tmp_path / "liar.zip")], [], [("00009", "read", "Bad CRC-32")],
+                max_image_bytes=LIMIT)
+
+
+@pytest.mark.parametrize("content, limit, words", [
+    (b"image_id,label\n" + b"a,1\n" * 100, ("MAX_LABELS_BYTES", 100), "is 415 bytes, over the 100 a job reads"),
+    (b"image_id,label\n" + b"x" * 5000, ("MAX_LABEL_LINE_CHARS", 1000), "line 2 is over 1,000 characters long"),
+    (b'image_id,label\na,1\nb,"' + b"x\n" * 70_000, None, "after line 2: field larger than field limit"),
+    (b"image_id,label\na,\xff\xfe\n", None, "not a readable CSV text file"),
+], ids=["huge", "endless-line", "runaway-quote", "not-utf8"])
+def test_huge_or_malformed_label_files_fail_fast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, limit, words: str
+) -> None:
+    if limit:
+        monkeypatch.setattr(sidefiles, *limit)
+    (tmp_path / "labels.csv").write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(words)):
+        load_labels(LabelFiles((str(tmp_path / "labels.csv"),), "image_id", "label"))
+
+
+def test_huge_ffhq_metadata_or_an_endless_entry_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ffhq.json").write_text('{"1": {"category": "training", "blob": "' + "x" * 5000 + '"}}')
+    monkeypatch.setattr(sidefiles, "MAX_JSON_ENTRY_CHARS", 1000)
+    monkeypatch.setattr(sidefiles, "JSON_CHUNK_CHARS", 100)
+    with pytest.raises(InputError, match="a value over 1,000 characters long"):
+        load_ffhq_categories(str(tmp_path / "ffhq.json"))
+    monkeypatch.setattr(sidefiles, "MAX_FFHQ_METADATA_BYTES", 1000)
+    with pytest.raises(InputError, match=r"FFHQ metadata .* is 5,\d+ bytes, over the 1,000 a job reads"):
+        load_ffhq_categories(str(tmp_path / "ffhq.json"))
+
+
+BILLION_LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
+<annotation><object><name>&lol3;</name><bndbox><xmin>1</xmin></bndbox></object></annotation>"""
+EXTERNAL = b"""<?xml version="1.0"?>
+<!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]><annotation><name>&x;</name></annotation>"""
+
+
+def test_voc_files_that_declare_entities_are_huge_or_malformed_fail_their_image_only(
+    tmp_path: Path, pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sidefiles, "MAX_VOC_BYTES", 2000)
+    annotations = {
+        "laughs": BILLION_LAUGHS, "external": EXTERNAL, "huge": b"<annotation>" + b" " * 3000 + b"</annotation>",
+        "broken": b"<annotation><bndbox>", "nan": b"<annotation><bndbox><xmin>left</xmin></bndbox></annotation>",
+        "good": b"<annotation><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>5</xmax><ymax>9</ymax></bndbox></annotation>",
+    }
+    for name, xml in annotations.items():
+        (tmp_path / f"{name}.png").write_bytes(PNG)
+        (tmp_path / f"{name}.xml").write_bytes(xml)
+    with pipeline() as p:
+        records, failures, _ = p | ReadImages([str(tmp_path)], voc_annotations=True)
+        assert_that(records | beam.Map(lambda r: (r.image_id, r.meta["lesions"])), equal_to([("good", [(1, 2, 5, 9)])]),
+                    label="records")
+        assert_that(failures | beam.Map(lambda o: (o.image_id, o.stage, o.reason)), failures_like([
+            ("broken", "read", "unreadable VOC annotation: ParseError"),
+            ("external", "read", "unreadable VOC annotation: DTDForbidden"),
+            ("huge", "read", "is over 2,000 bytes"),
+            ("laughs", "read", "unreadable VOC annotation: DTDForbidden"),
+            ("nan", "read", "unreadable VOC annotation: ValueError"),
+        ]), label="failed")

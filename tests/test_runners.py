@@ -27,7 +27,7 @@ from pipelines.common import prepare
 from pipelines.config import DatasetConfig
 from pipelines.options import parse
 from transforms.decode import DecodeImages
-from transforms.plan import PlanShards
+from transforms.plan import PlanShards, input_files
 from transforms.read import ReadBytes, pick_unique
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
 from tests.scale_fixtures import (  # noqa: F401  (pytest fixture)
@@ -199,7 +199,7 @@ def test_one_big_shard_is_segmented_in_every_worker(checkpoints: tuple[str, str]
     p = beam.Pipeline(options=PipelineOptions(MULTI_PROCESS))
     records = (
         p
-        | "Shard" >> beam.Create([str(shard)])
+        | "Shard" >> beam.Create(input_files(str(shard)))
         | "PlanShards" >> beam.ParDo(PlanShards())
         | "KeyById" >> beam.Map(lambda ref: (ref.image_id, ref))
         | "GroupById" >> beam.GroupByKey()

@@ -12,9 +12,9 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.spec import AbstractBufferedFile
 
-from transforms.plan import plan_shard
+from transforms.plan import input_files, plan_shard
 from transforms.read import ReadBytes
-from transforms.records import ImageRef
+from transforms.records import ImageRef, Outcome
 from transforms.storage import read_range
 
 MEMBERS = {f"shard/{i:05d}.png": os.urandom(40_000 + 997 * i) for i in range(40)}
@@ -85,16 +85,19 @@ def _zip() -> bytes:
     return buf.getvalue()
 
 
+def _read(refs: list[ImageRef], **kwargs: Any) -> list[Any]:
+    read = ReadBytes(None, None, False, **kwargs)
+    read.setup()
+    try:
+        return [record for ref in refs for record in read.process(ref)]
+    finally:
+        read.teardown()
+
+
 def _plan_and_read(url: str) -> dict[str, bytes]:
     refs = list(plan_shard(url))
     assert all(isinstance(r, ImageRef) for r in refs)
-    read = ReadBytes(None, None, False)
-    read.setup()
-    try:
-        records = [record for ref in refs for record in read.process(ref)]
-    finally:
-        read.teardown()
-    return {ref.member: record.data for ref, record in zip(refs, records)}
+    return {ref.member: record.data for ref, record in zip(refs, _read(refs))}
 
 
 @pytest.mark.parametrize("kind, shard", [("tar", _tar), ("zip", _zip)])
@@ -110,3 +113,18 @@ def test_a_range_read_returns_exactly_the_range_or_what_is_left(store: type[Coun
     assert read_range("counted://bucket/blob", 10, 5) == bytes(range(10, 15))
     assert read_range("counted://bucket/blob", 98, 5) == bytes([98, 99])
     assert store.fetched == 7
+
+
+def test_a_file_that_grew_past_the_limit_after_listing_is_read_one_byte_past_it_and_no_further(
+    store: type[CountingStore]
+) -> None:
+    _put("counted://bucket/00001.png", bytes(100))
+    [(url, listed)] = input_files("counted://bucket/00001.png")
+    [ref] = plan_shard(url, listed, max_image_bytes=1000)
+    _put(url, bytes(50_000))
+
+    [failed] = _read([ref], max_image_bytes=1000)
+    outcome = failed.value
+    assert isinstance(outcome, Outcome) and outcome.error_type == "BytesOverLimit"
+    assert "holds more than the limit of 1,000 bytes (--max-image-bytes)" in outcome.reason
+    assert store.fetched == 1001

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from models.dataset import ERROR_SCHEMA, ERRORS_DIR, FACES_DIR, OUTCOME_SCHEMA, join, write_manifest
+from transforms.lock import OutputLock, release
 from transforms.records import FAILED, FILTERED, KEPT, Outcome
 from transforms.card import write_card
 from transforms.progress import DONE, CountProgress
@@ -163,16 +164,17 @@ def accounting(inputs: int, tally: Mapping[str, int], face_rows: int) -> dict[st
     }
 
 
-def finish(root: str, manifest: dict[str, Any]) -> None:
-    """Remove temporary files, then write the manifest: the commit marker, always last."""
+def finish(root: str, manifest: dict[str, Any], lock: Optional[OutputLock] = None) -> None:
+    """Remove temporary files, then write the manifest: the commit marker, always last. Then let the output go."""
     remove(join(root, TEMP_DIR))
     write_manifest(root, manifest)
+    release(lock)
 
 
 def _write_manifest(
     _: None, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float, launched_at: float,
-    start: RunStart, inputs: int, tally: Mapping[str, int], committed: Sequence[Sequence[str]],
-    samples: Sequence[tuple[str, Sequence[Any]]],
+    start: RunStart, lock: Optional[OutputLock], inputs: int, tally: Mapping[str, int],
+    committed: Sequence[Sequence[str]], samples: Sequence[tuple[str, Sequence[Any]]],
 ) -> dict[str, Any]:
     sizes = table_sizes(root, [FACES_DIR, ERRORS_DIR, *tables])
     rows = {table: n for table, (n, _) in sizes.items()}
@@ -199,17 +201,18 @@ def _write_manifest(
     }
     manifest["qa"] = write_qa_sheet(root, base["job"], samples, books)
     manifest["card"] = write_card(root, manifest, tables, {table: size for table, (_, size) in sizes.items()})
-    finish(root, manifest)
+    finish(root, manifest, lock)
     return manifest
 
 
 class Finish(beam.PTransform):
-    """(input count, outcomes, committed file lists, QA samples) -> the manifest, written once everything else is."""
+    """(input count, outcomes, committed file lists, QA samples) -> the manifest, written once everything else
+    is; then the output's lock is released."""
 
     def __init__(self, root: str, base: Mapping[str, Any], tables: Sequence[str], min_face_skin: float,
-                 start: RunStart = RunStart(run=1)):
+                 start: RunStart = RunStart(run=1), lock: Optional[OutputLock] = None):
         super().__init__()
-        self._args = (root, dict(base), list(tables), min_face_skin, time.time(), start)
+        self._args = (root, dict(base), list(tables), min_face_skin, time.time(), start, lock)
 
     def expand(self, pcolls: tuple[beam.PCollection, ...]) -> beam.PCollection:
         inputs, outcomes, committed, samples = pcolls

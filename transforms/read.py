@@ -6,36 +6,54 @@ stays flat whatever the input size.
 
 Every ref read from a pattern counts as one input image; a member that cannot be read
 becomes a failed ``Outcome`` instead of vanishing.
+
+The plan refused every image whose container declares more than ``--max-image-bytes``; declared
+sizes can lie, so each read also stops one byte past the limit, and an image that reaches it fails.
 """
 from __future__ import annotations
 
 import zipfile
 from collections import OrderedDict
 from typing import Any, Iterable, Iterator, Optional, Sequence
-from xml.etree import ElementTree
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.utils.shared import Shared
 
-from transforms.plan import STAGE, PlanShards, input_files
+from transforms.plan import DEFAULT_MAX_IMAGE_BYTES, STAGE, BytesOverLimit, PlanShards, input_files
 from transforms.progress import PLANNED, CountProgress
 from transforms.records import ImageRecord, ImageRef, Outcome
 from transforms.resume import SkipDone
-from transforms.sidefiles import LabelFiles, load_ffhq_categories, load_labels, voc_boxes
-from transforms.storage import open_exact, read_bytes, read_range, with_retries
+from transforms.sidefiles import (
+    AnnotationError, LabelFiles, load_ffhq_categories, load_labels, voc_boxes,
+)
+from transforms.storage import open_exact, read_range, with_retries
 from transforms.tfrecord import example_pixels, unframe
+
+
+def _at_most(data: bytes, limit: int, what: str) -> bytes:
+    """``data`` (read with one byte to spare), or an error when it reached past ``limit``."""
+    if len(data) > limit:
+        raise BytesOverLimit(
+            f"{what} holds more than the limit of {limit:,} bytes (--max-image-bytes), more than its container "
+            "declared; reading stopped there"
+        )
+    return data
 
 
 class _ShardReader:
     """Reads image bytes for refs: loose images, tar members and TFRecord records by exact byte
     range, zip members and Parquet row groups through a few unbuffered shard handles kept open
-    between calls.
+    between calls. No read goes more than one byte past ``limit``, whatever a header says.
 
     Each read is retried on transient errors, on a freshly opened handle.
     """
 
-    def __init__(self, max_open: int = 4, attempts: int = 3, base_delay: float = 0.2):
+    def __init__(self, limit: int = DEFAULT_MAX_IMAGE_BYTES, max_open: int = 4, attempts: int = 3,
+                 base_delay: float = 0.2):
+        self._limit = limit
         self._open: OrderedDict[str, Any] = OrderedDict()
         self._max_open = max_open
         self._attempts = attempts
@@ -72,29 +90,46 @@ class _ShardReader:
 
     def _read_once(self, ref: ImageRef) -> bytes:
         if ref.kind == "image":
-            return read_bytes(ref.shard_uri)
+            # The file may have grown since it was listed.
+            return _at_most(read_range(ref.shard_uri, 0, self._limit + 1), self._limit, "the file")
         if ref.kind == "zip":
-            return self._handle(ref.shard_uri, "zip").read(ref.member)
+            with self._handle(ref.shard_uri, "zip").open(ref.member) as member:
+                return _at_most(member.read(self._limit + 1), self._limit, f"zip member {ref.member}")
+        # The plan checked the declared size: the exact range is within the limit.
         data = read_range(ref.shard_uri, ref.offset, ref.size)
         if len(data) != ref.size:
             what = f"record {ref.row}" if ref.kind == "tfrecord" else f"tar member {ref.member}"
             raise EOFError(f"{what} is truncated: {len(data)} of {ref.size} bytes present")
         return unframe(data, ref.offset) if ref.kind == "tfrecord" else data
 
-    def read_row_group(self, refs: Sequence[ImageRef]) -> Iterator[tuple[ImageRef, bytes | None]]:
+    def read_row_group(
+        self, refs: Sequence[ImageRef]
+    ) -> Iterator[tuple[ImageRef, bytes | BytesOverLimit | None]]:
+        """Each ref's cell, a cell at a time; the row group itself is read (and may fail) first."""
         first = refs[0]
 
-        def read() -> list[Any]:
-            pf = pq.ParquetFile(self._handle(first.shard_uri, "parquet"))
-            return pf.read_row_group(first.row_group, columns=[first.member]).column(0).to_pylist()
+        def read() -> pa.ChunkedArray:
+            # As a dictionary: a value that many rows repeat is held once, not once per row.
+            pf = pq.ParquetFile(self._handle(first.shard_uri, "parquet"), read_dictionary=[first.member])
+            column = pf.read_row_group(first.row_group, columns=[first.member]).column(0)
+            return pc.struct_field(column, "bytes") if pa.types.is_struct(column.type) else column
 
-        values = with_retries(
+        cells = with_retries(
             read, self._attempts, self._base_delay, f"{first.shard_uri}#rg{first.row_group}",
             lambda: self._forget(first.shard_uri),
         )
-        for ref in refs:
-            value = values[ref.row]
-            yield ref, (value.get("bytes") if isinstance(value, dict) else value)
+        # Sizes first: an oversized cell is never copied out of Arrow's buffers.
+        sizes = [n for chunk in cells.chunks
+                 for n in pc.binary_length(chunk.dictionary).take(chunk.indices).to_pylist()]
+        return ((ref, self._cell(cells, sizes[ref.row], ref)) for ref in refs)
+
+    def _cell(self, cells: pa.ChunkedArray, size: Optional[int], ref: ImageRef) -> bytes | BytesOverLimit | None:
+        if size is not None and size > self._limit:
+            return BytesOverLimit(
+                f"Parquet cell {ref.source_uri} holds {size:,} bytes, over the limit of {self._limit:,} "
+                "(--max-image-bytes)"
+            )
+        return cells[ref.row].as_py()
 
 
 def pick_unique(image_id: str, refs: Iterable[ImageRef]) -> Iterator[Any]:
@@ -128,17 +163,19 @@ class ReadBytes(beam.DoFn):
         labels: LabelFiles | None,
         ffhq_metadata: str | None,
         voc_annotations: bool,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         attempts: int = 3,
         base_delay: float = 0.2,
     ):
         self._labels_files = labels
         self._ffhq_uri = ffhq_metadata
         self._voc = voc_annotations
+        self._max_image_bytes = max_image_bytes
         self._retry = (attempts, base_delay)
         self._shared = Shared()
 
     def setup(self) -> None:
-        self._reader = _ShardReader(attempts=self._retry[0], base_delay=self._retry[1])
+        self._reader = _ShardReader(self._max_image_bytes, attempts=self._retry[0], base_delay=self._retry[1])
         self._join = self._shared.acquire(lambda: _JoinData(self._labels_files, self._ffhq_uri))
         self._labels, self._ffhq = self._join.labels, self._join.ffhq
 
@@ -151,9 +188,9 @@ class ReadBytes(beam.DoFn):
         else:
             refs = sorted(element[1], key=lambda r: r.row)
             try:
-                pairs = list(self._reader.read_row_group(refs))
+                pairs = self._reader.read_row_group(refs)
             except Exception as exc:
-                pairs = [(ref, exc) for ref in refs]
+                pairs = ((ref, exc) for ref in refs)
         for ref, data in pairs:
             if isinstance(data, BaseException):
                 yield beam.pvalue.TaggedOutput("outcome", Outcome.failed(ref.image_id, ref.source_uri, STAGE, data))
@@ -177,7 +214,7 @@ class ReadBytes(beam.DoFn):
         if self._voc and ref.kind == "image":
             try:
                 meta["lesions"] = voc_boxes(ref.shard_uri)
-            except ElementTree.ParseError as exc:
+            except AnnotationError as exc:
                 return Outcome.failed(ref.image_id, ref.source_uri, STAGE, f"unreadable VOC annotation: {exc}")
         shape = None
         if ref.kind == "tfrecord":
@@ -216,12 +253,14 @@ class ReadImages(beam.PTransform):
         voc_annotations: bool = False,
         done_list: Optional[str] = None,
         progress: Optional[str] = None,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ):
         super().__init__()
         self._patterns = list(patterns)
         self._done_list = done_list
         self._progress = progress
-        self._read = ReadBytes(labels, ffhq_metadata, voc_annotations)
+        self._max_image_bytes = max_image_bytes
+        self._read = ReadBytes(labels, ffhq_metadata, voc_annotations, max_image_bytes)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> tuple[beam.PCollection, beam.PCollection]:
         planned = (
@@ -229,7 +268,7 @@ class ReadImages(beam.PTransform):
             | "Patterns" >> beam.Create(self._patterns)
             | "ExpandPatterns" >> beam.FlatMap(input_files)
             | "SpreadShards" >> beam.Reshuffle()
-            | "PlanShards" >> beam.ParDo(PlanShards()).with_outputs("outcome", main="refs")
+            | "PlanShards" >> beam.ParDo(PlanShards(self._max_image_bytes)).with_outputs("outcome", main="refs")
         )
         if self._progress:
             for name, found in (("Refs", planned.refs), ("Unplannable", planned.outcome)):

@@ -27,7 +27,8 @@ FAILED = "failed"
 class ImageRef:
     """Where one image lives, before any of its bytes are read.
 
-    ``member`` is the tar or zip member name; ``offset``/``size`` the byte range of a tar member's
+    ``member`` is the tar or zip member name, or the Parquet column of the image bytes (``image.bytes``
+    in a struct); ``offset``/``size`` the byte range of a tar member's
     data or of a whole framed TFRecord record; ``row_group``/``row`` locate a Parquet row (``row``
     is also a TFRecord record's index). Refs are small, so the job shuffles refs rather than image bytes.
     """

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from models.dataset import ERRORS_DIR, FACES_DIR, MANIFEST, join
 from transforms.records import FAILED, FILTERED, KEPT
-from transforms.sink import TEMP_DIR, OutputError
+from transforms.sink import LOCK, TEMP_DIR, OutputError
 from transforms.storage import find_files, is_file, makedirs, move, open_file, remove
 
 RUN_RECORD = "_run.json"
@@ -78,7 +78,7 @@ def read_run_record(root: str) -> Optional[dict[str, Any]]:
     """The output's run record; None for an empty output; an error for an output we did not write."""
     path = join(root, RUN_RECORD)
     if not is_file(path):
-        if find_files(root, ""):
+        if any(not f.endswith(f"/{LOCK}") for f in find_files(root, "")):
             raise OutputError(
                 f"--resume: {root} holds files but no {RUN_RECORD}, so there is no run to resume. Pass --overwrite to "
                 "replace it, or choose another --output."

@@ -16,9 +16,11 @@ import pyarrow.parquet as pq
 from apache_beam.transforms.window import GlobalWindows
 
 from models.dataset import MANIFEST, join
-from transforms.storage import bucket_refusal, has_entries, makedirs, move, open_file, remove
+from transforms.storage import bucket_refusal, entries, makedirs, move, open_file, remove
 
 TEMP_DIR = "_temporary"
+# The marker of the job that holds the output (``transforms.lock``); not part of its contents.
+LOCK = "_lock.json"
 # Tables with one row per face close a file every 128 faces: the most a kill can lose per writer.
 FACE_ROWS_PER_FILE = 128
 
@@ -28,12 +30,15 @@ class OutputError(ValueError):
 
 
 def prepare_output(root: str, overwrite: bool, resume: bool = False) -> None:
-    """Refuse a non-empty output unless ``overwrite`` (clear it, manifest first) or ``resume`` (keep it)."""
+    """Refuse a non-empty output unless ``overwrite`` (clear it, manifest first) or ``resume`` (keep it).
+
+    The job's lock marker, taken before, is neither content nor cleared.
+    """
     try:
         refusal = bucket_refusal(root, "output")
         if refusal:
             raise OutputError(refusal)
-        existing = has_entries(root)
+        existing = [e for e in entries(root) if e.rsplit("/", 1)[-1] != LOCK]
         if existing and resume:
             return
         if existing and not overwrite:
@@ -44,7 +49,8 @@ def prepare_output(root: str, overwrite: bool, resume: bool = False) -> None:
         if existing:
             # The manifest goes first: a rerun killed halfway must never look complete.
             remove(join(root, MANIFEST))
-            remove(root)
+            for entry in existing:
+                remove(entry)
         makedirs(root)
     except OutputError:
         raise

@@ -82,10 +82,10 @@ def open_exact(url: str) -> Any:
     return fs.open(path, "rb", cache_type="none")
 
 
-def read_bytes(url: str) -> bytes:
-    """The whole object, in one request where the store allows it."""
+def file_size(url: str) -> Optional[int]:
+    """The object's size as the store lists it (None where it does not say)."""
     fs, path = filesystem(url)
-    return fs.cat_file(path)
+    return fs.size(path)
 
 
 def read_range(url: str, start: int, length: int) -> bytes:
@@ -104,31 +104,34 @@ def is_dir(url: str) -> bool:
     return fs.isdir(path)
 
 
-def has_entries(url: str) -> bool:
-    """Whether ``url`` exists and is not an empty folder."""
-    fs, path = filesystem(url)
-    return fs.exists(path) and bool(fs.ls(path))
+def _url(fs: AbstractFileSystem, url: str, path: str) -> str:
+    """A listed path in the form ``url`` was given in: with its protocol if it had one."""
+    return fs.unstrip_protocol(path) if "://" in url else path
 
 
 def _full(fs: AbstractFileSystem, url: str, paths: Sequence[str]) -> list[str]:
-    """Listed paths in the form ``url`` was given in: with its protocol if it had one."""
-    return sorted(fs.unstrip_protocol(p) if "://" in url else p for p in paths)
+    return sorted(_url(fs, url, p) for p in paths)
 
 
-def expand_pattern(pattern: str, in_folder: Callable[[str], bool]) -> list[str]:
-    """All files a pattern names, as full URLs, in sorted order.
+def expand_pattern(pattern: str, in_folder: Callable[[str], bool]) -> list[tuple[str, Optional[int]]]:
+    """All files a pattern names, as (full URL, size), in sorted order.
 
     A folder means the files below it that ``in_folder`` accepts. A file named outright, or
-    matched by a glob, always counts.
+    matched by a glob, always counts. Sizes come with the listing, without another request
+    (None where a store does not list them).
     """
     fs, path = filesystem(pattern)
     if any(ch in path for ch in "*?["):
-        paths = fs.glob(path)
+        found = fs.glob(path, detail=True)
     elif fs.isdir(path):
-        paths = [p for p in fs.find(path) if in_folder(p)]
+        found = {p: info for p, info in fs.find(path, detail=True).items() if in_folder(p)}
     else:
-        paths = [path] if fs.exists(path) else []
-    return _full(fs, pattern, [p for p in paths if not fs.isdir(p)])
+        try:
+            found = {path: fs.info(path)}
+        except FileNotFoundError:
+            found = {}
+    return sorted((_url(fs, pattern, p), info.get("size")) for p, info in found.items()
+                  if info.get("type") != "directory")
 
 
 def find_files(url: str, suffix: str) -> list[str]:
@@ -137,6 +140,26 @@ def find_files(url: str, suffix: str) -> list[str]:
     if not fs.isdir(path):
         return []
     return _full(fs, url, [p for p in fs.find(path) if p.endswith(suffix)])
+
+
+def create_exclusive(url: str, data: bytes) -> None:
+    """Write a new object holding ``data``; ``FileExistsError`` if one is already there.
+
+    Atomic where the store can refuse a second create in the write itself: O_EXCL on a local
+    disk, ``If-None-Match: *`` on S3, ``ifGenerationMatch=0`` on GCS (fsspec's ``xb`` mode). Other
+    stores get the check before the write, which two simultaneous writers can both pass.
+    """
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        raise FileExistsError(url)
+    with fs.open(path, "xb") as f:
+        f.write(data)
+
+
+def entries(url: str) -> list[str]:
+    """The full URLs of what a folder holds directly ([] if it does not exist)."""
+    fs, path = filesystem(url)
+    return _full(fs, url, fs.ls(path, detail=False)) if fs.exists(path) else []
 
 
 def makedirs(url: str) -> None:
