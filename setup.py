@@ -32,6 +32,11 @@ TEST_REQUIRES = [
     "duckdb==2.0.0",
 ]
 
+# bench/ only: the Ray Data peer of bench.throughput (bench.ray_peer). Never a job dependency.
+BENCH_REQUIRES = [
+    "ray[data]==2.60.0",
+]
+
 setup(
     name="acne-pipeline",
     version="0.1.0",
@@ -40,5 +45,5 @@ setup(
     packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*", "models", "models.*"]),
     package_data={"models": ["defaults/*/*.json", "defaults/*/*.safetensors", "defaults/*/*.md"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "bench": BENCH_REQUIRES},
 )

@@ -9,17 +9,22 @@ and pyarrow (build_dataset) or the classifier, ``judge_faces``, ``score_row`` an
 loop cannot drift from the job. It takes the jobs' own flags with the jobs' own defaults,
 so a benchmark compares like with like. ``time.perf_counter`` brackets every stage.
 
+``--workers K`` is the hand-written multi-process peer: K forked processes, one per core,
+each running the same loop over every K-th input file into its own ``part-0000i`` files.
+
     python -m bench.reference build --input DIR --output OUT --json result.json [job flags]
-    python -m bench.reference score --input DIR --output OUT --json result.json [job flags]
+    python -m bench.reference score --input DIR --output OUT --json result.json [--workers K] [job flags]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -107,21 +112,29 @@ def run_steps(record: ImageRecord, steps: Sequence[Step]) -> ImageRecord | Outco
     return result
 
 
+def face_steps(args: JobConfig) -> tuple[Step, Step]:
+    """The jobs' steps after segmentation: drop faces with too little skin, tile the rest."""
+    return (
+        partial(filter_face, min_face_skin=args.min_face_skin),
+        partial(patch_face, size=args.patch_size, stride=args.stride, min_skin=args.min_patch_skin,
+                blackout=args.blackout_background),
+    )
+
+
 class Loop:
     """What both loops share: files in, decoded batches, masks, faces filtered and tiled."""
 
-    def __init__(self, args: JobConfig, clock: StageClock, *after_read: Step):
-        """``after_read`` are the job's steps between reading an image and decoding it."""
+    def __init__(self, args: JobConfig, clock: StageClock, shard: tuple[int, int], *after_read: Step):
+        """``shard`` is (index, count): this loop takes every count-th file from index; ``after_read``
+        are the job's steps between reading an image and decoding it."""
         self.args, self.clock = args, clock
+        self.shard = shard
+        self.part = f"part-{shard[0]:05d}.parquet"
         self.segmenter = Segmenter.load(args.segmenter_checkpoint, args.device)
         self.after_read = after_read
-        self.steps = (
-            partial(filter_face, min_face_skin=args.min_face_skin),
-            partial(patch_face, size=args.patch_size, stride=args.stride, min_skin=args.min_patch_skin,
-                    blackout=args.blackout_background),
-        )
+        self.steps = face_steps(args)
         out = Path(args.output)
-        self.faces = RowGroupWriter(str(out / FACES_DIR / "part-00000.parquet"), OUTCOME_SCHEMA, 256, "zstd")
+        self.faces = RowGroupWriter(str(out / FACES_DIR / self.part), OUTCOME_SCHEMA, 256, "zstd")
         self.counts = {"inputs": 0, KEPT: 0, FILTERED: 0, FAILED: 0, "patches": 0}
 
     def outcome(self, outcome: Outcome) -> None:
@@ -134,7 +147,8 @@ class Loop:
     def faces_with_patches(self) -> Iterator[ImageRecord | Outcome]:
         """Read, split, decode, segment in batches of --batch-size, filter, tile: faces with patches, or why not."""
         batch: list[ImageRecord] = []
-        for path in image_files(self.args.input):
+        index, count = self.shard
+        for path in image_files(self.args.input)[index::count]:
             self.counts["inputs"] += 1
             with self.clock("read"):
                 with open(path, "rb") as f:
@@ -162,8 +176,8 @@ class Loop:
             yield result
 
 
-def run_build(args: DatasetConfig, clock: StageClock) -> Loop:
-    loop = Loop(args, clock, partial(assign_split, mode=args.split, fractions=args.split_fractions))
+def run_build(args: DatasetConfig, clock: StageClock, shard: tuple[int, int] = (0, 1)) -> Loop:
+    loop = Loop(args, clock, shard, partial(assign_split, mode=args.split, fractions=args.split_fractions))
     out = Path(args.output) / PATCHES_DIR
     sinks: dict[str, RowGroupWriter] = {}
     encoding = (args.patch_format, args.jpeg_quality, args.png_compression, loop.segmenter.sha256)
@@ -176,7 +190,7 @@ def run_build(args: DatasetConfig, clock: StageClock) -> Loop:
         with clock("write"):
             if face.split not in sinks:
                 sinks[face.split] = RowGroupWriter(
-                    str(out / face.split / "part-00000.parquet"), PATCH_SCHEMA, build_dataset.PATCH_ROWS_PER_GROUP,
+                    str(out / face.split / loop.part), PATCH_SCHEMA, build_dataset.PATCH_ROWS_PER_GROUP,
                     "none",
                 )
             sinks[face.split].add(rows)
@@ -188,11 +202,11 @@ def run_build(args: DatasetConfig, clock: StageClock) -> Loop:
     return loop
 
 
-def run_score(args: ScoreConfig, clock: StageClock) -> Loop:
-    loop = Loop(args, clock)
+def run_score(args: ScoreConfig, clock: StageClock, shard: tuple[int, int] = (0, 1)) -> Loop:
+    loop = Loop(args, clock, shard)
     classifier = Classifier.load(args.classifier_checkpoint, args.device)
     shas = (loop.segmenter.sha256, classifier.sha256)
-    scores = RowGroupWriter(str(Path(args.output) / SCORES_DIR / "part-00000.parquet"), SCORE_SCHEMA, 256, "zstd")
+    scores = RowGroupWriter(str(Path(args.output) / SCORES_DIR / loop.part), SCORE_SCHEMA, 256, "zstd")
     pending: list[ImageRecord] = []
 
     def flush() -> None:
@@ -227,31 +241,65 @@ def run_score(args: ScoreConfig, clock: StageClock) -> Loop:
     return loop
 
 
+def run_shard(job: str, config: JobConfig, shard: tuple[int, int]) -> dict[str, Any]:
+    """One process's loop over its shard of the input: counts, per-stage seconds, threads, peak RSS."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    clock = StageClock()
+    loop = (run_build if job == "build" else run_score)(config, clock, shard)
+    return {
+        "counts": loop.counts,
+        "detail_s": dict(clock.seconds),
+        "torch_threads": torch.get_num_threads(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_shards(job: str, config: JobConfig, workers: int) -> list[dict[str, Any]]:
+    """``workers`` forked processes, one shard each.
+
+    Forked, not spawned: the children inherit the imports, the cheapest start a hand-written
+    loop can have, so the peer is as strong as it can be. No torch op has run in the parent
+    yet, so no OpenMP pool is forked mid-use.
+    """
+    if workers == 1:
+        return [run_shard(job, config, (0, 1))]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(run_shard, [job] * workers, [config] * workers, [(i, workers) for i in range(workers)]))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Run one loop; print (and optionally write) its timings as JSON."""
+    """Run one loop (or ``--workers`` of them); print (and optionally write) its timings as JSON."""
     argv = list(sys.argv[1:] if argv is None else argv)
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("job", choices=("build", "score"))
     own.add_argument("--json", default=None)
+    own.add_argument("--workers", type=int, default=1)
     mine, rest = own.parse_known_args(argv)
     # The jobs' own flag groups: same flags, same defaults.
     groups = build_dataset.OPTION_GROUPS if mine.job == "build" else score.OPTION_GROUPS
     flags, _ = parse(rest, groups, f"python -m bench.reference {mine.job}", __doc__)
     config = DatasetConfig.from_flags(flags) if mine.job == "build" else ScoreConfig.from_flags(flags)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    clock = StageClock()
     started = time.perf_counter()
-    loop = (run_build if mine.job == "build" else run_score)(config, clock)
+    shards = run_shards(mine.job, config, mine.workers)
     seconds = time.perf_counter() - started
+    # Stage seconds add up over the processes: per image they are process time, not wall time.
+    clock = StageClock()
+    counts: dict[str, int] = defaultdict(int)
+    for shard in shards:
+        for key, value in shard["detail_s"].items():
+            clock.seconds[key] += value
+        for key, value in shard["counts"].items():
+            counts[key] += value
     result = {
         "job": mine.job,
+        "workers": mine.workers,
         "seconds": seconds,
-        "counts": loop.counts,
+        "counts": dict(counts),
         "stages_s": clock.by_stage(),
         "detail_s": dict(clock.seconds),
-        "torch_threads": torch.get_num_threads(),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "torch_threads": shards[0]["torch_threads"],
+        "peak_rss_mb": max(shard["peak_rss_mb"] for shard in shards),
     }
     text = json.dumps(result, indent=2)
     if mine.json:

@@ -16,6 +16,8 @@ STAGE_NOTES = {
 
 # Written by bench.resume; bench.throughput keeps it when it rewrites the report.
 RESUME_SECTION = "Kill and resume"
+# Written by bench.throughput; with --peers it replaces only this section.
+PEERS_SECTION = "Against the peers: a hand-written multi-process loop and Ray Data"
 
 GPU_NOTES = """\
 ## On a GPU (not measured: no GPU on this machine)
@@ -151,10 +153,58 @@ def markdown(result: dict[str, Any]) -> str:
               sc.get("reference_marginal_images_per_s"), _f(sc.get("reference_marginal_cpu_s_per_image"), 3),
               sc.get("marginal_ratio"), sc.get("marginal_cpu_ratio")] for job, sc in scaling],
         )]
+    if result.get("peers"):
+        parts += [f"## {PEERS_SECTION}\n", peers_section(result)]
     if result["levers"]:
         parts.append(_levers(result["levers"], result["runs"]))
     parts += [GPU_NOTES, HOW_TO_RUN]
     return "\n".join(parts)
+
+
+def peers_section(result: dict[str, Any]) -> str:
+    """The body of the peers section: every configuration of each job against the loops and Ray Data."""
+    m, s = result["machine"], result["settings"]
+    workers = s.get("workers", m["usable_cores"])
+    before = result["load_average_start_end"][0]
+    parts = [
+        f"Generated {result['created_utc']} by `{result['command']}` in {result['total_wall_s'] / 60:.1f} min; "
+        f"{m['cpu_model']}, {m['usable_cores']} usable cores, 1-minute load average {before:.1f} before the "
+        f"first run. N = {s['images']} images of 1024x1024 PNG, repeats {s['repeats']}, job defaults "
+        f"({s['job_defaults']}); the multi-process configurations run {workers} processes, one per core. "
+        f"Ray {s.get('ray') or 'not installed: no Ray Data peer'}.\n",
+        "Every configuration does the same work with the project's own per-record functions and writes "
+        "the same result rows (the last column compares the keys of every patch or score row with the "
+        "loop's). img/s is N over the wall time from interpreter start to exit. Ratios: images/s over the "
+        "peer's. CPU s/img: user + system time of the whole process tree (the larger of wait4's count and the "
+        "0.5 s /proc samples: wait4 misses processes reparented before they were reaped, such as Ray's "
+        "workers). Peak RSS per process: the largest "
+        "single process; tree: the sampled total of all of them. Start-up: the wall time at zero images "
+        "on the line through the runs at "
+        f"{s.get('startup_images', '-')} images and at N (measured with --peers only); its share is of the wall time at N.\n",
+        table(
+            ["job", "config", "wall s", "img/s", "vs 1-process loop", f"vs {workers}-process loop", "vs Ray Data",
+             "CPU s/img", "peak RSS MB per process", "tree RSS MB", "processes", "start-up s", "start-up share",
+             "rows equal"],
+            [[job, config, r["wall_s"], r["images_per_s"], _x(r["vs_loop"]), _x(r["vs_multi_loop"]), _x(r["vs_ray"]),
+              _f(r["cpu_s_per_image"], 3), _f(r["peak_rss_mb"], 0), _f(r["peak_rss_tree_mb"], 0), r["processes"],
+              _f(r.get("startup_s"), 1), _pct(r.get("startup_share")),
+              {True: "yes", False: "**no**", None: "-"}[r["same_rows_as_loop"]]]
+             for job, p in result["peers"].items() for config, r in p["rows"].items()],
+        ),
+    ]
+    parts.append(table(["target", "measured", "met"], [
+        [t["target"], _f(t["value"], 3), "yes" if t["met"] else "**no**"]
+        for t in result["targets"] if t.get("group") == "peers"
+    ]))
+    return "\n".join(parts)
+
+
+def _x(value: Optional[float]) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def _pct(value: Optional[float]) -> str:
+    return f"{100 * value:.1f}%" if value is not None else "-"
 
 
 def _run_row(r: dict[str, Any], jobs: dict[str, Any]) -> list[Any]:

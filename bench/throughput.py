@@ -12,6 +12,7 @@ with its peak RSS from ``wait4`` (the largest process of its tree) and per proce
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -28,8 +29,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import pyarrow.parquet as pq
+
 from bench.inputs import REPO, make_inputs
 from models import defaults
+from models.dataset import PATCHES_DIR, SCORES_DIR
 from pipelines import build_dataset, score
 from pipelines.options import job_parser
 
@@ -37,23 +41,37 @@ log = logging.getLogger("bench")
 
 DEFAULT_IMAGES = 96
 JOBS = {"build_dataset": "build", "score": "score"}
-MULTI = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+# One process per usable core, for the multi-process pipelines and their peers alike.
+WORKERS = len(os.sched_getaffinity(0))
+MULTI = ["--direct_num_workers", str(WORKERS), "--direct_running_mode", "multi_processing"]
 # The jobs default to one torch thread per process; this is the alternative the default was chosen over.
 TORCH_DEFAULT = ["--torch-threads", "0"]
 # Every configuration produces the same output; only how the work is run differs.
 DEFAULTS_REFERENCE = "reference loop"  # the loop at the jobs' own default settings
+MULTI_LOOP = f"{WORKERS}-process loop"  # the hand-written multi-process peer
+MULTI_CONFIG = f"{WORKERS} workers"
+RAY = f"Ray Data, {WORKERS} actors"  # the other engine's peer (bench.ray_peer), when ray is installed
 REFERENCES: dict[str, list[str]] = {
     DEFAULTS_REFERENCE: [],
     "reference loop, torch default threads": TORCH_DEFAULT,
+    MULTI_LOOP: ["--workers", str(WORKERS)],
 }
 CONFIGS: dict[str, list[str]] = {
     "in-process": [],
     "in-process, torch default threads": TORCH_DEFAULT,
-    "2 workers": MULTI,
-    "2 workers, torch default threads": [*MULTI, *TORCH_DEFAULT],
+    MULTI_CONFIG: MULTI,
+    f"{MULTI_CONFIG}, torch default threads": [*MULTI, *TORCH_DEFAULT],
 }
 QUICK_REFERENCES = (DEFAULTS_REFERENCE,)
 QUICK_CONFIGS = ("in-process",)
+# --peers: the issue's comparison alone, at the jobs' defaults (one torch thread per process).
+PEER_REFERENCES = (DEFAULTS_REFERENCE, MULTI_LOOP)
+PEER_CONFIGS = ("in-process", MULTI_CONFIG)
+# A second, small N: the line through both sizes gives each configuration's fixed start-up cost.
+PEER_SMALL_N = 16
+TARGET_PEER_RATIO = 1.0
+TARGET_IN_PROCESS_RATIO = 0.95
+PEER_RSS_LIMIT_MB = 1.5 * 1024
 STAGES = ("read", "decode", "resize", "inference", "upsample", "patch", "encode", "write")
 RSS_LIMIT_MB = 3 * 1024
 TARGET_RATIO = 0.90
@@ -69,6 +87,7 @@ class TreeSampler(threading.Thread):
         self._root, self._every_s = root, every_s
         self._stop_event = threading.Event()
         self.hwm_kb: dict[int, int] = {}
+        self.cpu_ticks: dict[int, int] = {}
         self.peak_total_kb = 0
 
     def run(self) -> None:
@@ -81,11 +100,13 @@ class TreeSampler(threading.Thread):
 
     def sample(self) -> None:
         children: dict[int, list[int]] = defaultdict(list)
+        ticks: dict[int, int] = {}
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
                     with open(f"/proc/{entry}/stat") as f:
-                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    ppid, ticks[int(entry)] = int(fields[1]), int(fields[11]) + int(fields[12])
                 except (OSError, IndexError, ValueError):
                     continue
                 children[ppid].append(int(entry))
@@ -97,6 +118,8 @@ class TreeSampler(threading.Thread):
             if status:
                 total += status.get("VmRSS", 0)
                 self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), status.get("VmHWM", 0))
+            if pid in ticks:
+                self.cpu_ticks[pid] = ticks[pid]
         self.peak_total_kb = max(self.peak_total_kb, total)
 
 
@@ -136,9 +159,14 @@ def measure(cmd: Sequence[str], log_path: Path) -> dict[str, Any]:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}; log {log_path}:\n{tail}")
     per_process = sorted((kb / 1024 for kb in sampler.hwm_kb.values()), reverse=True)
+    # wait4 misses descendants that were reparented before they were reaped (Ray's workers, when
+    # its daemons are killed at shutdown); the samples miss each process's last half second.
+    sampled = sum(sampler.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
     return {
         "wall_s": wall,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "cpu_s": max(usage.ru_utime + usage.ru_stime, sampled),
+        "cpu_s_wait4": usage.ru_utime + usage.ru_stime,
+        "cpu_s_sampled": sampled,
         "peak_rss_mb": usage.ru_maxrss / 1024,
         "peak_rss_per_process_mb": [round(v, 1) for v in per_process[:8]],
         "peak_rss_tree_mb": sampler.peak_total_kb / 1024,
@@ -152,6 +180,19 @@ def _slug(config: str) -> str:
 
 def tree_bytes(root: Path) -> int:
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+# Each job's result table and the columns that identify its rows.
+RESULT_KEYS = {"build_dataset": (PATCHES_DIR, ["image_id", "patch_id"]),
+               "score": (SCORES_DIR, ["image_id", "status", "patches_used"])}
+
+
+def result_rows(job: str, out: Path) -> tuple[int, str]:
+    """How many result rows a run wrote, and a digest of their keys: equal whatever the file layout."""
+    folder, columns = RESULT_KEYS[job]
+    keys = sorted(tuple(row.values()) for f in sorted((out / folder).rglob("*.parquet"))
+                  for row in pq.read_table(f, columns=columns).to_pylist())
+    return len(keys), hashlib.sha256(repr(keys).encode()).hexdigest()[:16]
 
 
 class Bench:
@@ -168,6 +209,7 @@ class Bench:
 
     def _record(self, run: dict[str, Any], out: Path) -> dict[str, Any]:
         run["output_bytes"] = tree_bytes(out)
+        run["result_rows"], run["result_digest"] = result_rows(run["job"], out)
         run["images_per_s"] = run["images"] / run["wall_s"]
         run["images_per_s_run"] = run["images"] / run["run_seconds"]
         run["cpu_s_per_image"] = run["cpu_s"] / run["images"]
@@ -211,6 +253,20 @@ class Bench:
             run_seconds=manifest["run"]["seconds"], patches=manifest["accounting"]["patches"],
             counts={"inputs": books["inputs"], "kept": books["kept"], "filtered": books["filtered"],
                     "failed": books["failed"], "patches": manifest["accounting"]["patches"]},
+        )
+        return self._record(run, out)
+
+    def ray(self, job: str, inputs: Path, images: int) -> dict[str, Any]:
+        name = f"{job}-ray-{images}"
+        out, result = self.work / "out" / name, self.work / "out" / f"{name}.json"
+        cmd = [self.python, "-m", "bench.ray_peer", JOBS[job], "--input", str(inputs), "--output", str(out),
+               "--json", str(result), "--workers", str(WORKERS), *self.checkpoint_flags(job)]
+        run = measure(cmd, self.work / "logs" / f"{name}.log")
+        peer = json.loads(result.read_text())
+        result.unlink()
+        run.update(
+            job=job, config=RAY, kind="ray", flags=[], images=peer["counts"]["inputs"], run_seconds=peer["seconds"],
+            patches=peer["counts"]["patches"], counts=peer["counts"],
         )
         return self._record(run, out)
 
@@ -334,6 +390,70 @@ def targets(jobs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def peer_summary(job: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """One job against its peers at N: rate, ratios, CPU, memory, start-up, and whether the rows agree.
+
+    Ratios are images/s over the peer's images/s. The start-up is where the line through the
+    runs at ``PEER_SMALL_N`` and at N meets zero images; its share is of the wall time at N.
+    """
+    at = {r["config"]: r for r in runs if r["job"] == job and r["images"] == n}
+    small = {r["config"]: r for r in runs if r["job"] == job and r["images"] == PEER_SMALL_N and n > PEER_SMALL_N}
+    bases = {"vs_loop": at.get(DEFAULTS_REFERENCE), "vs_multi_loop": at.get(MULTI_LOOP), "vs_ray": at.get(RAY)}
+    rows = {}
+    for config, r in at.items():
+        row = {
+            "kind": r["kind"], "wall_s": r["wall_s"], "images_per_s": r["images_per_s"],
+            "cpu_s_per_image": r["cpu_s_per_image"], "peak_rss_mb": r["peak_rss_mb"],
+            "peak_rss_tree_mb": r["peak_rss_tree_mb"], "processes": len(r["peak_rss_per_process_mb"]),
+            "result_rows": r["result_rows"],
+        }
+        row.update({key: r["images_per_s"] / base["images_per_s"] if base else None for key, base in bases.items()})
+        loop = bases["vs_loop"] or bases["vs_multi_loop"]
+        row["same_rows_as_loop"] = r["result_digest"] == loop["result_digest"] if loop else None
+        if config in small:
+            per_image = (r["wall_s"] - small[config]["wall_s"]) / (n - PEER_SMALL_N)
+            row["startup_s"] = small[config]["wall_s"] - PEER_SMALL_N * per_image
+            row["startup_share"] = row["startup_s"] / r["wall_s"]
+        rows[config] = row
+    return {"n": n, "rows": rows}
+
+
+def peer_targets(peers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets against the peers, for those that were run."""
+    out = []
+    for job, p in peers.items():
+        rows = p["rows"]
+        checks = [(MULTI_CONFIG, "vs_multi_loop", MULTI_LOOP, TARGET_PEER_RATIO),
+                  (MULTI_CONFIG, "vs_ray", RAY, TARGET_PEER_RATIO),
+                  ("in-process", "vs_loop", DEFAULTS_REFERENCE, TARGET_IN_PROCESS_RATIO)]
+        for config, key, peer, target in checks:
+            value = rows.get(config, {}).get(key)
+            if value is not None:
+                out.append({"target": f"{job}: {config} >= {target:.2f}x the {peer} (images/s)",
+                            "value": value, "met": value >= target})
+        pipelines = [r for r in rows.values() if r["kind"] == "pipeline"]
+        if pipelines:
+            rss = max(r["peak_rss_mb"] for r in pipelines)
+            out.append({"target": f"{job}: pipelines' peak RSS per process <= {PEER_RSS_LIMIT_MB:.0f} MB",
+                        "value": rss, "met": rss <= PEER_RSS_LIMIT_MB})
+        shares = [r["startup_share"] for r in rows.values() if r.get("startup_share") is not None]
+        if shares:
+            out.append({"target": f"{job}: start-up < 5% of the wall time at N={p['n']} (the largest share)",
+                        "value": max(shares), "met": max(shares) < 0.05})
+        agree = all(r["same_rows_as_loop"] for r in rows.values())
+        out.append({"target": f"{job}: every configuration wrote the loop's result rows",
+                    "value": agree, "met": agree})
+    return [dict(row, group="peers") for row in out]
+
+
+def ray_installed() -> bool:
+    try:
+        metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def machine(reference_threads: Optional[int]) -> dict[str, Any]:
     model = "unknown"
     try:
@@ -414,10 +534,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         inputs_n = work / "inputs" / f"n{n}"
         make_inputs(inputs_n, n, args.seed)
         bench = Bench(args, work)
-        references = [c for c in REFERENCES if not args.quick or c in QUICK_REFERENCES]
-        configs = [c for c in CONFIGS if not args.quick or c in QUICK_CONFIGS]
+        if args.peers:
+            references, configs = list(PEER_REFERENCES), list(PEER_CONFIGS)
+        else:
+            references = [c for c in REFERENCES if not args.quick or c in QUICK_REFERENCES]
+            configs = [c for c in CONFIGS if not args.quick or c in QUICK_CONFIGS]
+        with_ray = not args.quick and ray_installed()
+        if not with_ray and not args.quick:
+            log.warning("ray is not installed (pip install -e .[bench]): no Ray Data peer in this run")
         load_start = os.getloadavg()
-        for repeat in range(args.repeats):
+
+        def run_all(inputs: Path, images: int, reverse: bool) -> None:
             for job in JOBS:
                 # References and pipelines interleaved, and the order reversed between repeats,
                 # so that drifting background load hits every configuration alike.
@@ -425,21 +552,35 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 step = -(-len(configs) // len(references))
                 for i, reference in enumerate(references):
                     order += [("reference", reference)] + [("pipeline", c) for c in configs[i * step : (i + 1) * step]]
-                for kind, config in order if repeat % 2 == 0 else reversed(order):
+                order += [("ray", RAY)] if with_ray else []
+                for kind, config in reversed(order) if reverse else order:
                     if kind == "reference":
-                        bench.reference(job, config, inputs_n, n)
+                        bench.reference(job, config, inputs, images)
+                    elif kind == "pipeline":
+                        bench.pipeline(job, config, inputs, images)
                     else:
-                        bench.pipeline(job, config, inputs_n, n)
+                        bench.ray(job, inputs, images)
+
+        for repeat in range(args.repeats):
+            run_all(inputs_n, n, repeat % 2 == 1)
         runs = median_runs(bench.runs)
         jobs = {job: summarise(job, runs, n) for job in JOBS}
-        if not args.quick:
+        if args.peers:
+            if n > PEER_SMALL_N:
+                inputs_small = work / "inputs" / f"n{PEER_SMALL_N}"
+                make_inputs(inputs_small, PEER_SMALL_N, args.seed)
+                bench.runs = []
+                run_all(inputs_small, PEER_SMALL_N, False)
+                runs += bench.runs
+        elif not args.quick:
             inputs_2n = work / "inputs" / f"n{2 * n}"
             make_inputs(inputs_2n, 2 * n, args.seed)
             for job in JOBS:
                 runs.append(bench.reference(job, jobs[job]["best_reference"], inputs_2n, 2 * n))
                 runs.append(bench.pipeline(job, jobs[job]["best_config"], inputs_2n, 2 * n))
             jobs = {job: summarise(job, runs, n) for job in JOBS}
-        levers = {} if args.quick else bench.levers(inputs_n)
+        levers = {} if args.quick or args.peers else bench.levers(inputs_n)
+        peers = {job: peer_summary(job, runs, n) for job in JOBS}
         reference_threads = next((r["torch_threads"] for r in runs if r["kind"] == "reference"), None)
         result = {
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -447,7 +588,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "machine": machine(reference_threads),
             "load_average_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
             "settings": {
-                "images": n, "seed": args.seed, "repeats": args.repeats, "quick": args.quick,
+                "images": n, "seed": args.seed, "repeats": args.repeats, "quick": args.quick, "peers": args.peers,
+                "workers": WORKERS, "startup_images": PEER_SMALL_N if args.peers else None, "ray": metadata.version("ray") if with_ray else None,
                 "job_defaults": job_defaults(),
                 "references": {c: REFERENCES[c] for c in references},
                 "configs": {c: CONFIGS[c] for c in configs},
@@ -455,7 +597,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "checkpoints": checkpoints,
             "runs": runs,
             "jobs": jobs,
-            "targets": targets(jobs),
+            "peers": peers,
+            "targets": targets(jobs) + peer_targets(peers),
             "levers": levers,
             "total_wall_s": time.perf_counter() - started,
         }
@@ -488,7 +631,7 @@ def median_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    from bench.report import RESUME_SECTION, markdown, replace_section, section_of
+    from bench.report import PEERS_SECTION, RESUME_SECTION, markdown, peers_section, replace_section, section_of
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="N, images per run (default: %(default)s).")
@@ -497,6 +640,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                         help="Write the Markdown report here (default: %(default)s); '-' to skip.")
     parser.add_argument("--quick", action="store_true",
                         help="In-process runs only: no multi-process, no 2N scaling run, no levers (a smoke test).")
+    parser.add_argument("--peers", action="store_true",
+                        help=f"Only the comparison with the peers: the loop in 1 and {WORKERS} processes, Ray Data, "
+                             f"each job in-process and with {WORKERS} workers, at N and at {PEER_SMALL_N} images "
+                             "(for the start-up); writes only the report's peers section.")
     parser.add_argument("--repeats", type=int, default=1, help="Repeat the N runs, alternating order; median kept.")
     parser.add_argument("--seed", type=int, default=0, help="Input jitter seed (default: %(default)s).")
     parser.add_argument("--segmenter-checkpoint", default=None, help="Default: the shipped segmenter.")
@@ -510,12 +657,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args.argv = argv
     if args.images < 1 or args.repeats < 1:
         parser.error("--images and --repeats must be positive")
+    if args.quick and args.peers:
+        parser.error("--quick and --peers are different selections; choose one")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.rereport:
         result = json.loads(Path(args.rereport).read_text())
         n = result["settings"]["images"]
         result["jobs"] = {job: summarise(job, result["runs"], n) for job in JOBS}
-        result["targets"] = targets(result["jobs"])
+        # Runs from before the peers existed carry no row digests.
+        has_peers = all("result_digest" in r for r in result["runs"])
+        result["peers"] = {job: peer_summary(job, result["runs"], n) for job in JOBS} if has_peers else {}
+        result["targets"] = targets(result["jobs"]) + peer_targets(result["peers"])
     else:
         result = run_bench(args)
     text = json.dumps(result, indent=2, default=str)
@@ -523,9 +675,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         Path(args.json).write_text(text + "\n")
     if args.markdown != "-":
         path = Path(args.markdown)
-        kept = section_of(path.read_text(), RESUME_SECTION) if path.exists() else None
-        text = markdown(result)
-        path.write_text(replace_section(text, RESUME_SECTION, kept) if kept else text)
+        if result["settings"].get("peers") and path.exists():
+            text = replace_section(path.read_text(), PEERS_SECTION, peers_section(result))
+        else:
+            kept = section_of(path.read_text(), RESUME_SECTION) if path.exists() else None
+            text = markdown(result)
+            text = replace_section(text, RESUME_SECTION, kept) if kept else text
+        path.write_text(text)
         log.info("report written to %s", args.markdown)
     for row in result["targets"]:
         log.info("%s %-70s %s", "MET " if row["met"] else "MISS", row["target"], _fmt(row["value"]))

@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end and reports what it promises; it asserts no timings."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -84,3 +85,34 @@ def test_quick_run_reports_every_figure(tmp_path: Path, checkpoints: tuple[str, 
     for heading in ("## Machine", "## Targets", "## Runs", "## Per-stage time per image", "## How to run"):
         assert heading in report
     assert not (tmp_path / "work").exists()
+
+
+def _peers(tmp_path: Path, checkpoints: tuple[str, str], job: str, configs: list[str]) -> list[dict]:
+    """The loop and each of ``configs`` on the same three images, through the harness."""
+    inputs = tmp_path / "inputs"
+    make_inputs(inputs, 3, seed=2)
+    args = argparse.Namespace(segmenter_checkpoint=checkpoints[0], classifier_checkpoint=checkpoints[1])
+    bench = throughput.Bench(args, tmp_path / "work")
+    runs = [bench.reference(job, throughput.DEFAULTS_REFERENCE, inputs, 3)]
+    for config in configs:
+        runs.append(bench.ray(job, inputs, 3) if config == throughput.RAY else bench.reference(job, config, inputs, 3))
+    return runs
+
+
+def _assert_same_work(job: str, runs: list[dict]) -> None:
+    assert len({(r["result_rows"], r["result_digest"]) for r in runs}) == 1
+    assert len({json.dumps(r["counts"], sort_keys=True) for r in runs}) == 1
+    assert all(r["counts"]["inputs"] == 3 and r["cpu_s"] > 0 and r["peak_rss_per_process_mb"] for r in runs)
+    summary = throughput.peer_summary(job, runs, 3)
+    assert all(row["same_rows_as_loop"] and row["vs_loop"] > 0 for row in summary["rows"].values())
+
+
+@pytest.mark.parametrize("job", list(throughput.JOBS))
+def test_multi_process_loop_writes_the_loops_rows(tmp_path: Path, checkpoints: tuple[str, str], job: str) -> None:
+    _assert_same_work(job, _peers(tmp_path, checkpoints, job, [throughput.MULTI_LOOP]))
+
+
+@pytest.mark.parametrize("job", list(throughput.JOBS))
+def test_ray_data_peer_writes_the_loops_rows(tmp_path: Path, checkpoints: tuple[str, str], job: str) -> None:
+    pytest.importorskip("ray", reason="the Ray Data peer is a bench-only extra: pip install -e .[bench]")
+    _assert_same_work(job, _peers(tmp_path, checkpoints, job, [throughput.RAY]))
