@@ -16,7 +16,6 @@ Ray is a bench-only extra (``pip install -e .[bench]``), never a dependency of t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -45,7 +44,7 @@ from transforms.segment import with_mask
 from transforms.sidefiles import image_id_from_name
 from transforms.split import assign_split
 
-from bench.reference import face_steps, image_files, run_steps
+from bench.reference import face_steps, image_files, print_result, run_steps
 
 # The column of a batch's table that holds faces/ rows; the other holds the job's result rows.
 FACE = "face"
@@ -181,10 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "counts": counts,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    text = json.dumps(result, indent=2)
-    if mine.json:
-        Path(mine.json).write_text(text + "\n")
-    print(text)
+    print_result(result, mine.json)
     return result
 
 

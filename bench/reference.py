@@ -268,6 +268,14 @@ def run_shards(job: str, config: JobConfig, workers: int) -> list[dict[str, Any]
         return list(pool.map(run_shard, [job] * workers, [config] * workers, [(i, workers) for i in range(workers)]))
 
 
+def print_result(result: dict[str, Any], path: Optional[str]) -> None:
+    """Print a run's result as JSON, and write it to ``path`` too when given."""
+    text = json.dumps(result, indent=2)
+    if path:
+        Path(path).write_text(text + "\n")
+    print(text)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run one loop (or ``--workers`` of them); print (and optionally write) its timings as JSON."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -301,10 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "torch_threads": shards[0]["torch_threads"],
         "peak_rss_mb": max(shard["peak_rss_mb"] for shard in shards),
     }
-    text = json.dumps(result, indent=2)
-    if mine.json:
-        Path(mine.json).write_text(text + "\n")
-    print(text)
+    print_result(result, mine.json)
     return result
 
 
