@@ -116,3 +116,25 @@ def test_multi_process_loop_writes_the_loops_rows(tmp_path: Path, checkpoints: t
 def test_ray_data_peer_writes_the_loops_rows(tmp_path: Path, checkpoints: tuple[str, str], job: str) -> None:
     pytest.importorskip("ray", reason="the Ray Data peer is a bench-only extra: pip install -e .[bench]")
     _assert_same_work(job, _peers(tmp_path, checkpoints, job, [throughput.RAY]))
+
+
+def test_multi_only_peers_are_summarised_without_the_single_process_pair() -> None:
+    # The committed peer measurements, as --peers --multi-only would have left them: no runs in one process.
+    measured = json.loads((throughput.REPO / "bench" / "PEERS.json").read_text())
+    runs = [r for r in measured["runs"] if r["config"] not in throughput.SINGLE_PROCESS]
+    n = measured["settings"]["images"]
+    jobs = {job: throughput.summarise(job, runs, n) for job in throughput.JOBS}
+    peers = {job: throughput.peer_summary(job, runs, n) for job in throughput.JOBS}
+
+    multi = {throughput.MULTI_LOOP, throughput.MULTI_CONFIG, throughput.RAY}
+    for job in throughput.JOBS:
+        assert set(peers[job]["rows"]) == multi
+        for row in peers[job]["rows"].values():
+            assert row["vs_loop"] is None and row["vs_multi_loop"] > 0 and row["startup_s"] is not None
+        assert set(jobs[job]["ratios"]) == {throughput.MULTI_CONFIG}
+        assert "non_inference_share" not in jobs[job]
+    # The targets against the left-out pair are absent, not failed.
+    found = throughput.targets(jobs) + throughput.peer_targets(peers)
+    names = " ".join(t["target"] for t in found)
+    assert "in-process" not in names and "non-inference" not in names
+    assert all(isinstance(t["met"], bool) for t in found)
