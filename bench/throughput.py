@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -36,6 +37,7 @@ from bench.inputs import REPO, make_inputs
 from models import defaults
 from models.dataset import PATCHES_DIR, SCORES_DIR
 from pipelines import build_dataset, score
+from pipelines.config import DatasetConfig, ScoreConfig
 from pipelines.options import job_parser
 
 log = logging.getLogger("bench")
@@ -616,11 +618,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def job_defaults() -> str:
-    """The jobs' defaults for the flags that matter to speed, read from their own parsers."""
-    parsers = [job_parser(job.OPTION_GROUPS, job.PROG, job.DESCRIPTION) for job in (build_dataset, score)]
+    """The jobs' defaults for the flags that matter to speed, as their own parsers and configs settle them."""
+    placeholders = ["--input", "inputs", "--output", "out"]
+    configs = [
+        config.from_flags(job_parser(job.OPTION_GROUPS, job.PROG, job.DESCRIPTION).parse_args(placeholders))
+        for job, config in ((build_dataset, DatasetConfig), (score, ScoreConfig))
+    ]
+    values = {**asdict(configs[0]), **asdict(configs[1])}
     flags = ("batch_size", "classifier_batch_size", "patch_format", "png_compression", "torch_threads")
-    defaults = {flag: next(p.get_default(flag) for p in parsers if p.get_default(flag) is not None) for flag in flags}
-    return ", ".join(f"{flag.replace('_', '-')} {value}" for flag, value in defaults.items())
+    return ", ".join(f"{flag.replace('_', '-')} {values[flag]}" for flag in flags)
 
 
 def median_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -66,6 +66,17 @@ class CheckpointedNetwork:
         cfg = self.cfg if training is None else replace(self.cfg, training=dict(training))
         return save_checkpoint(uri, self.network.state_dict(), cfg.to_dict())
 
+    def to_device(self, batch: np.ndarray) -> torch.Tensor:
+        """A host batch as a tensor on the model's device, in one copy.
+
+        On a GPU the copy goes through pinned memory and does not block: the worker's other
+        threads go on decoding and stacking their batches while the device copies and computes.
+        """
+        tensor = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 -> normalised float32 3xSxS at the model's input size."""
         size = self.cfg.input_size

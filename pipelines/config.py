@@ -9,6 +9,7 @@ record each flag's resolved value under the name a user knows.
 
 Whatever the flags leave open is settled here, before any work and never again: the tiling
 (score cuts patches as its classifier saw them in training, build_dataset takes the defaults),
+the batch sizes (by --device),
 the split fractions (parsed once), and the flags that need one another.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from models.checkpoint import CheckpointError, read_config
 from models.classifier import Classifier, ClassifierConfig
 from pipelines.common import JobConfigError
 from pipelines.options import DEFAULT_MIN_FACE_SKIN, DEFAULT_MIN_PATCH_SKIN, DEFAULT_PATCH_SIZE, SCORE_MIN_FACE_SKIN
+from transforms.classify import BATCH_PATCHES
+from transforms.segment import BATCH_SIZES
 from transforms.split import SplitError, check_mode, parse_fractions
 from transforms.storage import EndpointError, check_endpoints
 
@@ -63,6 +66,7 @@ class JobConfig:
         size = patch_size if flags.patch_size is None else flags.patch_size
         resolved = {
             "input": tuple(flags.input),
+            "batch_size": flags.batch_size or BATCH_SIZES[flags.device],
             "labels_csv": tuple(flags.labels_csv or ()),
             "min_face_skin": min_face_skin if flags.min_face_skin is None else flags.min_face_skin,
             "patch_size": size,
@@ -122,6 +126,7 @@ class ScoreConfig(JobConfig):
             trained.patch_size or DEFAULT_PATCH_SIZE,
             trained.min_patch_skin or DEFAULT_MIN_PATCH_SKIN,
             SCORE_MIN_FACE_SKIN,
+            classifier_batch_size=flags.classifier_batch_size or BATCH_PATCHES[flags.device],
         )
 
 

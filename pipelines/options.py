@@ -21,7 +21,8 @@ from models import defaults
 from transforms.decode import DEFAULT_MAX_PIXELS
 from transforms.patches import FORMATS
 from transforms.plan import DEFAULT_MAX_IMAGE_BYTES
-from transforms.segment import DEFAULT_BATCH_SIZE
+from transforms.classify import BATCH_PATCHES
+from transforms.segment import BATCH_SIZES
 from transforms.split import MODES
 
 DEFAULT_PATCH_SIZE = 256
@@ -78,6 +79,11 @@ def _open_fraction(text: str) -> float:
     return value
 
 
+def _by_device(sizes: dict[str, int]) -> str:
+    """A default that follows --device, as --help states it: '2 on cpu, 32 on cuda'."""
+    return ", ".join(f"{n} on {device}" for device, n in sizes.items())
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -117,8 +123,8 @@ def add_segment_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--segmenter-checkpoint", default=defaults.SEGMENTER, metavar="URI",
                    help="Folder (or URL) with weights.safetensors and config.json (default: the shipped model).")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Inference device (default: cpu).")
-    g.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, metavar="N",
-                   help="Images per inference batch, across images (default: %(default)s).")
+    g.add_argument("--batch-size", type=_positive, default=None, metavar="N",
+                   help="Images per inference batch, across images (default: " + _by_device(BATCH_SIZES) + ").")
     g.add_argument("--torch-threads", type=int, default=1, metavar="N",
                    help="torch intra-op threads per worker process (default: %(default)s, because runners start "
                         "one worker process per core; raise it for a single process on many cores; 0 keeps "
@@ -185,8 +191,8 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
     g = section(parser, "scoring")
     g.add_argument("--classifier-checkpoint", default=defaults.CLASSIFIER, metavar="URI",
                    help="Folder (or URL) with the classifier's weights.safetensors and config.json.")
-    g.add_argument("--classifier-batch-size", type=_positive, default=64, metavar="N",
-                   help="Patches per classifier batch, across images (default: %(default)s).")
+    g.add_argument("--classifier-batch-size", type=_positive, default=None, metavar="N",
+                   help="Patches per classifier batch, across images (default: " + _by_device(BATCH_PATCHES) + ").")
     g.add_argument("--top-patches", type=int, default=3, metavar="N",
                    help="How many of the most suspicious patches to report per image (default: %(default)s).")
     g.add_argument("--patch-table", action="store_true",

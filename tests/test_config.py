@@ -46,6 +46,22 @@ def test_score_tiles_as_its_classifier_was_trained_unless_flags_say_otherwise(un
     assert (chosen.patch_size, chosen.stride, chosen.min_patch_skin, chosen.min_face_skin) == (200, 200, 0.0, 0.0)
 
 
+def test_batch_sizes_follow_the_device_unless_given(untrained_classifier: str) -> None:
+    # A CPU runs fastest on tiny batches; a GPU needs large ones to be kept busy (bench/RESULTS.md).
+    cpu = ScoreConfig.from_flags(_flags(score, "--classifier-checkpoint", untrained_classifier))
+    gpu = ScoreConfig.from_flags(_flags(score, "--classifier-checkpoint", untrained_classifier, "--device", "cuda"))
+    chosen = ScoreConfig.from_flags(_flags(
+        score, "--classifier-checkpoint", untrained_classifier, "--device", "cuda", "--batch-size", "8",
+        "--classifier-batch-size", "100",
+    ))
+    assert (cpu.batch_size, cpu.classifier_batch_size) == (2, 64)
+    assert (gpu.batch_size, gpu.classifier_batch_size) == (32, 512)
+    assert (chosen.batch_size, chosen.classifier_batch_size) == (8, 100)
+    assert DatasetConfig.from_flags(_flags(build_dataset, "--device", "cuda")).batch_size == 32
+    # The manifest records the sizes as resolved.
+    assert gpu.arguments()["batch_size"] == 32
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--split", "sideways"], "--split 'sideways' must be one of"),
     (["--split-fractions", "0.5,0.5"], "must be three non-negative numbers that sum to 1"),

@@ -18,6 +18,8 @@ from transforms.patches import patch_id
 from transforms.records import KEPT, ImageRecord, Outcome
 
 STAGE = "classify"
+# Patches per forward pass, by --device: a 96 px patch is small, so even a CPU batches 64.
+BATCH_PATCHES = {"cpu": 64, "cuda": 512}
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class AcneClassifierHandler(CheckpointHandler[ScoredFace, Classifier]):
     model_class = Classifier
     stage = STAGE
 
-    def __init__(self, checkpoint: str, device: str = "cpu", max_patches: int = 64, torch_threads: int = 0,
+    def __init__(self, checkpoint: str, device: str = "cpu", max_patches: int = BATCH_PATCHES["cpu"], torch_threads: int = 0,
                  verdict_threshold: Optional[float] = None):
         # With element_size_fn, BatchElements sizes a batch by its total patch count, so the
         # fixed batch size fills each batch as far as faces fit.

@@ -209,7 +209,7 @@ class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, b
         outs = []
         for start in range(0, len(patches), batch_size):
             chunk = np.stack([self.preprocess(p) for p in patches[start : start + batch_size]])
-            outs.append(self.network(torch.from_numpy(chunk).to(self.device)).float().cpu().numpy())
+            outs.append(self.network(self.to_device(chunk)).float().cpu().numpy())
         return np.concatenate(outs)
 
     def lesions_from_outputs(self, outputs: np.ndarray) -> np.ndarray:

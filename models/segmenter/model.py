@@ -76,7 +76,7 @@ class Segmenter(CheckpointedNetwork, kind=KIND, config_type=SegmenterConfig, bui
 
     def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB uint8 images -> one normalised input batch on the model's device."""
-        return torch.from_numpy(np.stack([self.preprocess(im) for im in images])).to(self.device)
+        return self.to_device(np.stack([self.preprocess(im) for im in images]))
 
     @torch.inference_mode()
     def probs_from_batch(self, batch: torch.Tensor) -> np.ndarray:
