@@ -33,7 +33,6 @@ from models.classifier import Classifier
 from models.segmenter import Segmenter
 from transforms.card import command
 from transforms.decode import DecodeImages
-from transforms.fast_exit import exit_now
 from transforms.finish import Finish, WriteOutcomes, package_versions
 from transforms.lock import OutputLock, release, take
 from transforms.plan import check_patterns
@@ -288,8 +287,6 @@ def cli(run: Callable[[Sequence[str]], Any]) -> None:
         run(sys.argv[1:])
     except (JobConfigError, AccountingError) as exc:
         sys.exit(f"error: {exc}")
-    # Everything is written and summarised: skip the seconds Python would spend tearing down torch.
-    exit_now(0)
 
 
 def print_summary(manifest: dict[str, Any], output: str) -> None:

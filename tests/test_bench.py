@@ -119,8 +119,8 @@ def test_ray_data_peer_writes_the_loops_rows(tmp_path: Path, checkpoints: tuple[
 
 
 def test_multi_only_peers_are_summarised_without_the_single_process_pair() -> None:
-    # The committed peer measurements, as --peers --multi-only would have left them: no runs in one process.
-    measured = json.loads((throughput.REPO / "bench" / "PEERS.json").read_text())
+    # The committed N=480 peer measurements, as --peers --multi-only would have left them: no runs in one process.
+    measured = json.loads((throughput.REPO / "bench" / "PEERS_480.json").read_text())
     runs = [r for r in measured["runs"] if r["config"] not in throughput.SINGLE_PROCESS]
     n = measured["settings"]["images"]
     jobs = {job: throughput.summarise(job, runs, n) for job in throughput.JOBS}

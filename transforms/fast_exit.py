@@ -1,9 +1,13 @@
-"""Leave a finished process without Python's teardown.
+"""Leave a finished SDK worker process without Python's teardown.
 
 Tearing down torch and the modules it pulls in takes Python about 2 s at exit (bench/RESULTS.md).
 The multi-process DirectRunner stops its workers one after another and waits for each to exit,
 so a local job on K workers idled some 2K s at its end. By then nothing is left to write: every
 bundle is committed and the logs are flushed, so the process can end at once.
+
+Only workers: the launcher keeps its normal exit, so that profilers and coverage wrapped around
+a job (``python -m cProfile -m pipelines.score``) still write their results at exit. In a worker,
+exit handlers registered before the model loaded are skipped.
 """
 from __future__ import annotations
 
