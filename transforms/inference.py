@@ -12,7 +12,7 @@ import apache_beam as beam
 import torch
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from transforms.fast_exit import exit_fast_if_sdk_worker
+from transforms.worker_process import exit_fast_if_sdk_worker, keep_freed_memory
 from transforms.records import FAILED, ImageRecord, Outcome
 
 PredictionT = TypeVar("PredictionT")
@@ -38,7 +38,8 @@ class CheckpointHandler(ModelHandler[ImageRecord, PredictionT, ModelT]):
         self._torch_threads = torch_threads
 
     def load_model(self) -> ModelT:
-        # A worker that holds torch would spend seconds tearing it down at exit (transforms.fast_exit).
+        # Once per process, before the first forward pass (transforms.worker_process).
+        keep_freed_memory()
         exit_fast_if_sdk_worker()
         if self._torch_threads:
             torch.set_num_threads(self._torch_threads)
