@@ -148,10 +148,21 @@ def test_a_face_in_two_splits_is_refused(tmp_path: Path) -> None:
         main([str(data), "--output", str(tmp_path / "ckpt"), *FAST])
 
 
-def test_warm_start_from_another_input_size_is_refused(mixed: Path, tmp_path: Path) -> None:
+def test_recalibrating_at_another_input_size_is_refused(mixed: Path, tmp_path: Path) -> None:
     save_untrained_classifier(str(tmp_path / "init"), input_size=32)
     with pytest.raises(ValueError, match="has input_size 32 but this run uses 24; pass --input-size 32"):
-        main([str(mixed), "--output", str(tmp_path / "ckpt"), *FAST, "--init", str(tmp_path / "init")])
+        main([str(mixed), "--output", str(tmp_path / "ckpt"), *FAST, "--init", str(tmp_path / "init"),
+              "--epochs", "0"])
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_warm_start_fine_tunes_to_another_input_size(trained: tuple[Path, dict], mixed: Path,
+                                                       tmp_path: Path) -> None:
+    # One short, gentle epoch at 32 px cannot learn the task anew: it keeps what was learnt at 24 px.
+    metrics = _train([str(mixed)], tmp_path / "ckpt", "--init", str(trained[0]), "--input-size", "32",
+                     "--epochs", "1", "--epoch-patches", "32", "--lr", "1e-5")
+    assert metrics["config"]["input_size"] == 32
+    assert metrics["validation"]["binary"]["macro_f1"] >= 0.9
 
 
 def test_zero_epochs_from_a_trained_checkpoint_only_recalibrates(trained: tuple[Path, dict], mixed: Path,

@@ -90,8 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="fit the severity curve on the graded train faces of these datasets only (default: every "
                         "dataset); lesion totals of a source at another scale need not follow the same curve")
     p.add_argument("--init", default=None,
-                   help="classifier checkpoint to start from (same arch and input size); tensors whose shape "
-                        "fits are reused")
+                   help="classifier checkpoint to start from (same arch; with --epochs 0 also the same input "
+                        "size); tensors whose shape fits are reused")
     cli.add_torch_args(p, threads=0)
     return p.parse_args(argv)
 
@@ -263,7 +263,10 @@ class Trainer:
 
     def _warm_start(self, uri: str) -> None:
         ckpt = load_checkpoint(uri, "classifier")
-        for key, wanted in (("arch", self.cfg.arch), ("input_size", self.cfg.input_size)):
+        # A convolutional network with global pooling fine-tunes to a new input size, but only
+        # recalibrating (0 epochs) at another size would calibrate a network never trained at it.
+        keys = [("arch", self.cfg.arch)] + ([("input_size", self.cfg.input_size)] if not self.args.epochs else [])
+        for key, wanted in keys:
             if ckpt.config.get(key) != wanted:
                 raise ValueError(
                     f"--init {uri} has {key} {ckpt.config.get(key)!r} but this run uses {wanted!r}; "
