@@ -179,15 +179,18 @@ def peers_section(result: dict[str, Any]) -> str:
         "peer's. CPU s/img: user + system time of the whole process tree (the larger of wait4's count and the "
         "0.5 s /proc samples: wait4 misses processes reparented before they were reaped, such as Ray's "
         "workers). Peak RSS per process: the largest "
-        "single process; tree: the sampled total of all of them. Start-up: the wall time at zero images "
+        "single process; tree: the sampled total of all of them. PSS splits each page shared by k processes "
+        "k ways, so a forked loop's children, which share their parent's pages of torch, are compared fairly "
+        "with spawned workers; the tree's PSS is what the run really holds (empty: not sampled). Start-up: the wall time at zero images "
         "on the line through the runs at "
         f"{s.get('startup_images', '-')} images and at N (measured with --peers only); its share is of the wall time at N.\n",
         table(
             ["job", "config", "wall s", "img/s", "vs 1-process loop", f"vs {workers}-process loop", "vs Ray Data",
-             "CPU s/img", "peak RSS MB per process", "tree RSS MB", "processes", "start-up s", "start-up share",
-             "rows equal"],
+             "CPU s/img", "peak RSS MB per process", "tree RSS MB", "peak PSS MB per process", "tree PSS MB",
+             "processes", "start-up s", "start-up share", "rows equal"],
             [[job, config, r["wall_s"], r["images_per_s"], _x(r["vs_loop"]), _x(r["vs_multi_loop"]), _x(r["vs_ray"]),
-              _f(r["cpu_s_per_image"], 3), _f(r["peak_rss_mb"], 0), _f(r["peak_rss_tree_mb"], 0), r["processes"],
+              _f(r["cpu_s_per_image"], 3), _f(r["peak_rss_mb"], 0), _f(r["peak_rss_tree_mb"], 0),
+              _f(r.get("peak_pss_mb"), 0), _f(r.get("peak_pss_tree_mb"), 0), r["processes"],
               _f(r.get("startup_s"), 1), _pct(r.get("startup_share")),
               {True: "yes", False: "**no**", None: "-"}[r["same_rows_as_loop"]]]
              for job, p in result["peers"].items() for config, r in p["rows"].items()],

@@ -85,13 +85,20 @@ TARGET_SCALING = 2.1
 
 
 class TreeSampler(threading.Thread):
-    """Samples the RSS of a process and all its descendants from /proc until stopped."""
+    """Samples the RSS and PSS of a process and all its descendants from /proc until stopped.
+
+    RSS counts every page a process maps; PSS splits a page shared by k processes k ways. A forked
+    child shares its parent's pages of torch and the other libraries (its RSS starts some 350 MB
+    below a spawned process's), so the tree's PSS total is what a set of processes really holds.
+    """
 
     def __init__(self, root: int, every_s: float = 0.5):
         super().__init__(daemon=True)
         self._root, self._every_s = root, every_s
         self._stop_event = threading.Event()
         self.hwm_kb: dict[int, int] = {}
+        self.pss_kb: dict[int, int] = {}
+        self.peak_pss_total_kb = 0
         self.cpu_ticks: dict[int, int] = {}
         self.peak_total_kb = 0
 
@@ -115,7 +122,7 @@ class TreeSampler(threading.Thread):
                 except (OSError, IndexError, ValueError):
                     continue
                 children[ppid].append(int(entry))
-        total, todo = 0, [self._root]
+        total, pss_total, todo = 0, 0, [self._root]
         while todo:
             pid = todo.pop()
             todo.extend(children.get(pid, ()))
@@ -123,9 +130,13 @@ class TreeSampler(threading.Thread):
             if status:
                 total += status.get("VmRSS", 0)
                 self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), status.get("VmHWM", 0))
+            pss = _pss_kb(pid)
+            pss_total += pss
+            self.pss_kb[pid] = max(self.pss_kb.get(pid, 0), pss)
             if pid in ticks:
                 self.cpu_ticks[pid] = ticks[pid]
         self.peak_total_kb = max(self.peak_total_kb, total)
+        self.peak_pss_total_kb = max(self.peak_pss_total_kb, pss_total)
 
 
 def _status_kb(pid: int) -> dict[str, int]:
@@ -140,6 +151,17 @@ def _status_kb(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             found[key] = int(value.split()[0])
     return found
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def measure(cmd: Sequence[str], log_path: Path) -> dict[str, Any]:
@@ -175,6 +197,8 @@ def measure(cmd: Sequence[str], log_path: Path) -> dict[str, Any]:
         "peak_rss_mb": usage.ru_maxrss / 1024,
         "peak_rss_per_process_mb": [round(v, 1) for v in per_process[:8]],
         "peak_rss_tree_mb": sampler.peak_total_kb / 1024,
+        "peak_pss_per_process_mb": sorted((round(kb / 1024, 1) for kb in sampler.pss_kb.values()), reverse=True)[:8],
+        "peak_pss_tree_mb": sampler.peak_pss_total_kb / 1024,
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
@@ -408,11 +432,13 @@ def peer_summary(job: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]
     bases = {"vs_loop": at.get(DEFAULTS_REFERENCE), "vs_multi_loop": at.get(MULTI_LOOP), "vs_ray": at.get(RAY)}
     rows = {}
     for config, r in at.items():
+        pss = r.get("peak_pss_per_process_mb")  # runs recorded before PSS was sampled have none
         row = {
             "kind": r["kind"], "wall_s": r["wall_s"], "images_per_s": r["images_per_s"],
             "cpu_s_per_image": r["cpu_s_per_image"], "peak_rss_mb": r["peak_rss_mb"],
             "peak_rss_tree_mb": r["peak_rss_tree_mb"], "processes": len(r["peak_rss_per_process_mb"]),
-            "result_rows": r["result_rows"],
+            "peak_pss_mb": max(pss) if pss else None,
+            "peak_pss_tree_mb": r.get("peak_pss_tree_mb"), "result_rows": r["result_rows"],
         }
         row.update({key: r["images_per_s"] / base["images_per_s"] if base else None for key, base in bases.items()})
         loop = bases["vs_loop"] or bases["vs_multi_loop"]

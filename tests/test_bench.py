@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -99,10 +101,40 @@ def _peers(tmp_path: Path, checkpoints: tuple[str, str], job: str, configs: list
     return runs
 
 
+FORKED_SHARING = """
+import os, sys
+import numpy as np
+held = np.ones(200 * 2**20, np.uint8)  # touched, so resident before the fork
+if os.fork() == 0:
+    print("ready", flush=True)
+    sys.stdin.readline()
+    os._exit(0)
+os.wait()
+"""
+
+
+def test_memory_a_forked_child_shares_with_its_parent_is_split_between_them() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", FORKED_SHARING], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        sampler = throughput.TreeSampler(proc.pid)
+        sampler.sample()
+    finally:
+        proc.communicate("go\n", timeout=60)
+    rss = sorted(sampler.hwm_kb.values())
+    pss = sorted(sampler.pss_kb.values())
+    # RSS counts the 200 MB in both processes; PSS gives each half, so the tree holds it once.
+    assert len(rss) == 2 and rss[0] > 200 * 1024
+    assert all(p < r - 80 * 1024 for p, r in zip(pss, rss))
+    assert sampler.peak_total_kb - sampler.peak_pss_total_kb > 150 * 1024
+
+
 def _assert_same_work(job: str, runs: list[dict]) -> None:
     assert len({(r["result_rows"], r["result_digest"]) for r in runs}) == 1
     assert len({json.dumps(r["counts"], sort_keys=True) for r in runs}) == 1
     assert all(r["counts"]["inputs"] == 3 and r["cpu_s"] > 0 and r["peak_rss_per_process_mb"] for r in runs)
+    assert all(0 < r["peak_pss_tree_mb"] <= r["peak_rss_tree_mb"] for r in runs)
     summary = throughput.peer_summary(job, runs, 3)
     assert all(row["same_rows_as_loop"] and row["vs_loop"] > 0 for row in summary["rows"].values())
 
