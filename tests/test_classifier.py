@@ -59,6 +59,16 @@ def test_the_face_counts_the_lesions_of_all_its_patches() -> None:
         clf.judge(np.zeros(0))
 
 
+def test_the_same_lesions_over_more_skin_are_weaker_evidence_of_acne() -> None:
+    # Four lesions on a 4-patch close-up, and the same four on a 28-patch portrait.
+    close_up, portrait = np.ones(4), np.concatenate([np.ones(4), np.zeros(24)])
+    skin_aware = _classifier(acne_patches_slope=-0.5)
+    assert skin_aware.judge(portrait).lesion_count == skin_aware.judge(close_up).lesion_count == 4.0
+    assert skin_aware.judge(portrait).acne_probability < skin_aware.judge(close_up).acne_probability
+    # A checkpoint calibrated without the term judges by the count alone.
+    assert _classifier().judge(portrait).acne_probability == _classifier().judge(close_up).acne_probability
+
+
 def test_more_lesions_mean_a_higher_acne_probability() -> None:
     clf = _classifier()
     probs = [clf.judge(np.array([c])).acne_probability for c in (0.0, 0.5, 2.0, 6.0, 20.0, 100.0)]
@@ -175,6 +185,7 @@ def test_corrupt_weights_are_refused(tmp_path: Path) -> None:
     "changes, message",
     [
         ({"acne_slope": -1.0}, "acne_slope must be positive"),
+        ({"acne_patches_slope": 0.5}, "acne_patches_slope must be zero or negative"),
         ({"verdict_threshold": 1.5}, r"verdict_threshold must lie in \(0, 1\)"),
         ({"severity_slopes": [1.0, 2.0]}, "severity_slopes and severity_bias need 4 values"),
         ({"verdicts": ["clear", "mild"]}, "verdicts must be two names, not severity grades"),

@@ -11,7 +11,7 @@ import pytest
 
 from models.classifier import SEVERITIES, Classifier
 from models.classifier.data import load_patch_set
-from models.classifier.train import main
+from models.classifier.train import fit_acne_calibration, main
 from tests.classifier_data import MIN_PATCH_SKIN, save_untrained_classifier, write_patch_dataset
 
 FAST = ["--arch", "test_byobnet", "--input-size", "24", "--batch-size", "16", "--threads", "1"]
@@ -181,3 +181,19 @@ def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("NAME=", "@0.5", "--label-map", "--classes", "--epoch-patches", "--source-weight", "--count-weight",
                  "--init", "--seed", "--input-size", "--threads"):
         assert flag in text, flag
+
+
+def test_the_verdict_calibration_discounts_counts_spread_over_more_skin() -> None:
+    # Clear portraits: 30 patches of texture adding up to ~3 false lesions. Acne close-ups: 6
+    # patches with 3 true lesions or more. By the count alone the two overlap; skin tells them apart.
+    rng = np.random.default_rng(0)
+    clear_totals, acne_totals = rng.gamma(6.0, 0.5, 200), 2.0 + rng.gamma(2.0, 1.0, 200)
+    totals = np.concatenate([clear_totals, acne_totals])
+    patches = np.concatenate([rng.integers(24, 36, 200), rng.integers(4, 9, 200)]).astype(float)
+    y = np.repeat([0, 1], 200)
+    sources = ["portraits"] * 200 + ["close-ups"] * 200
+    slope, patches_slope, bias = fit_acne_calibration(totals, patches, y, sources)
+    assert slope > 0 and patches_slope < -1.0
+    # Where more skin goes with more acne, the data cannot teach the discount: the term stays out.
+    slope, patches_slope, bias = fit_acne_calibration(totals, patches[::-1].copy(), y, sources)
+    assert slope > 0 and patches_slope == 0.0

@@ -5,8 +5,10 @@ acne lesions each patch holds; the face's ``lesion_count`` is their sum, less a 
 per-patch floor (``patch_lesion_floor``) that clear skin texture stays under. Everything a
 user reads follows from that one number:
 
-* ``acne_probability`` = sigmoid(acne_slope · log(1 + lesion_count) + acne_bias), calibrated
-  on validation faces;
+* ``acne_probability`` = sigmoid(acne_slope · log(1 + lesion_count) + acne_patches_slope ·
+  log(patches) + acne_bias), calibrated on validation faces. Skin texture gives every patch a
+  small false count, so the same count over more skin (more patches) is weaker evidence of
+  acne: ``acne_patches_slope`` is zero or negative;
 * ``verdict`` = ``acne`` when that probability reaches ``verdict_threshold``, else ``clear``;
 * ``severity`` = the Hayashi grade (``mild`` … ``very_severe``) of a multinomial logistic in
   the lesion count, given only when the verdict is ``acne``: Hayashi grades are lesion-count
@@ -64,6 +66,7 @@ class ClassifierConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     acne_slope: float = 1.0
+    acne_patches_slope: float = 0.0
     acne_bias: float = 0.0
     verdict_threshold: float = 0.5
     # Expected lesions a patch may hold and still count none: a 1024² face has ~25 patches, and
@@ -100,6 +103,7 @@ class ClassifierConfig:
                     "mean": tuple(float(v) for v in cfg.mean),
                     "std": tuple(float(v) for v in cfg.std),
                     "acne_slope": float(cfg.acne_slope),
+                    "acne_patches_slope": float(cfg.acne_patches_slope),
                     "acne_bias": float(cfg.acne_bias),
                     "verdict_threshold": float(cfg.verdict_threshold),
                     "patch_lesion_floor": float(cfg.patch_lesion_floor),
@@ -128,6 +132,9 @@ class ClassifierConfig:
             out.append("mean/std need 3 values each, std positive")
         if not (math.isfinite(self.acne_slope) and self.acne_slope > 0 and math.isfinite(self.acne_bias)):
             out.append(f"acne_slope must be positive (more lesions, more acne), got {self.acne_slope}")
+        if not (math.isfinite(self.acne_patches_slope) and self.acne_patches_slope <= 0):
+            out.append(f"acne_patches_slope must be zero or negative (more skin, not more acne), "
+                       f"got {self.acne_patches_slope}")
         if not 0.0 < self.verdict_threshold < 1.0:
             out.append(f"verdict_threshold must lie in (0, 1), got {self.verdict_threshold}")
         if not (math.isfinite(self.patch_lesion_floor) and self.patch_lesion_floor >= 0):
@@ -171,9 +178,11 @@ def build_network(cfg: ClassifierConfig) -> torch.nn.Module:
     return timm.create_model(cfg.arch, pretrained=False, num_classes=cfg.num_outputs, **cfg.model_kwargs)
 
 
-def acne_probability(lesions: np.ndarray | float, slope: float, bias: float) -> np.ndarray:
-    """sigmoid(slope · log(1 + lesions) + bias), elementwise."""
-    z = slope * np.log1p(np.maximum(np.asarray(lesions, np.float64), 0.0)) + bias
+def acne_probability(lesions: np.ndarray | float, patches: np.ndarray | int, slope: float, patches_slope: float,
+                     bias: float) -> np.ndarray:
+    """sigmoid(slope · log(1 + lesions) + patches_slope · log(patches) + bias), elementwise."""
+    z = (slope * np.log1p(np.maximum(np.asarray(lesions, np.float64), 0.0))
+         + patches_slope * np.log(np.maximum(np.asarray(patches, np.float64), 1.0)) + bias)
     return 1.0 / (1.0 + np.exp(-z))
 
 
@@ -227,7 +236,7 @@ class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, b
             raise ValueError(f"judge needs the expected lesions of at least one patch, got shape {patch_lesions.shape}")
         cfg = self.cfg
         total = face_lesion_count(patch_lesions, cfg.patch_lesion_floor)
-        prob = float(acne_probability(total, cfg.acne_slope, cfg.acne_bias))
+        prob = float(acne_probability(total, len(patch_lesions), cfg.acne_slope, cfg.acne_patches_slope, cfg.acne_bias))
         grades = severity_probs(total, cfg.severity_slopes, cfg.severity_bias)
         is_acne = prob >= (cfg.verdict_threshold if threshold is None else threshold)
         return FaceScore(

@@ -143,25 +143,37 @@ def source_balanced_weights(y: np.ndarray, sources: Sequence[str]) -> np.ndarray
     return w
 
 
-def fit_acne_calibration(totals: np.ndarray, y: np.ndarray, sources: Sequence[str]) -> tuple[float, float]:
-    """Weighted logistic regression of acne (1) vs clear (0) on log(1 + lesions): (slope, bias).
-
-    The slope is kept positive: more lesions never lower the acne probability.
-    """
-    x = np.log1p(np.maximum(totals, 0.0))
-    w = source_balanced_weights(y, sources)
-    slope, bias = 1.0, -float(np.median(x))
+def _weighted_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Newton's method for weighted logistic regression on the columns of ``x`` (last: the bias)."""
+    coef = np.zeros(x.shape[1])
+    ridge = np.full(x.shape[1], 1e-3)
+    ridge[-1] = 1e-9
     for _ in range(100):
-        p = 1.0 / (1.0 + np.exp(-(slope * x + bias)))
-        g = w * (p - y)
-        h = w * p * (1 - p)
-        grad = np.array([g @ x + 1e-3 * slope, g.sum()])
-        hess = np.array([[h @ (x * x) + 1e-3, h @ x], [h @ x, h.sum() + 1e-9]])
+        p = 1.0 / (1.0 + np.exp(-(x @ coef)))
+        grad = x.T @ (w * (p - y)) + ridge * coef
+        hess = (x * (w * p * (1 - p))[:, None]).T @ x + np.diag(ridge)
         step = np.linalg.solve(hess, grad)
-        slope, bias = slope - step[0], bias - step[1]
+        coef -= step
         if np.abs(step).max() < 1e-9:
             break
-    return max(float(slope), 1e-3), float(bias)
+    return coef
+
+
+def fit_acne_calibration(totals: np.ndarray, patches: np.ndarray, y: np.ndarray,
+                         sources: Sequence[str]) -> tuple[float, float, float]:
+    """Weighted logistic regression of acne (1) vs clear (0) on log(1 + lesions) and log(patches):
+    (slope, patches_slope, bias).
+
+    More lesions never lower the acne probability (slope > 0), and more skin never raises it
+    (patches_slope <= 0): where the data say otherwise, the patch term is left out.
+    """
+    lesions = np.log1p(np.maximum(totals, 0.0))
+    skin = np.log(np.maximum(patches, 1.0))
+    w = source_balanced_weights(y, sources)
+    slope, patches_slope, bias = _weighted_logistic(np.stack([lesions, skin, np.ones_like(skin)], 1), y, w)
+    if patches_slope > 0:
+        (slope, bias), patches_slope = _weighted_logistic(np.stack([lesions, np.ones_like(skin)], 1), y, w), 0.0
+    return max(float(slope), 1e-3), float(patches_slope), float(bias)
 
 
 def choose_threshold(probs: np.ndarray, y: np.ndarray, sources: Sequence[str]) -> float:
@@ -331,15 +343,17 @@ class Trainer:
     def _fit_verdict(self, val_patches: np.ndarray, floor: float) -> dict[str, Any]:
         """Calibration, threshold and binary report of the validation faces at one patch floor."""
         totals = face_totals(np.maximum(val_patches - floor, 0.0), self.val)
+        patches = np.bincount(self.val.face, minlength=len(self.val.face_ids))
         known = self.verdict_val >= 0
         sources = np.asarray(self.val.face_sources)
-        slope, bias = fit_acne_calibration(totals[known], self.verdict_val[known], sources[known])
-        probs = acne_probability(totals, slope, bias)
+        slope, patches_slope, bias = fit_acne_calibration(totals[known], patches[known], self.verdict_val[known],
+                                                          sources[known])
+        probs = acne_probability(totals, patches, slope, patches_slope, bias)
         threshold = choose_threshold(probs[known], self.verdict_val[known], sources[known])
         binary = binary_verdict_report(self.verdict_val[known], probs[known], threshold, sources[known],
                                        self.cfg.verdicts)
-        return {"floor": floor, "totals": totals, "slope": slope, "bias": bias, "threshold": threshold,
-                "binary": binary}
+        return {"floor": floor, "totals": totals, "slope": slope, "patches_slope": patches_slope, "bias": bias,
+                "threshold": threshold, "binary": binary}
 
     def evaluate(self, calibration_faces: int) -> dict[str, Any]:
         """Calibrate on this epoch's outputs and score the validation faces.
@@ -357,8 +371,9 @@ class Trainer:
         train_patches = self._patch_lesions(self.train, graded)
         train_totals = face_totals(np.maximum(train_patches - floor, 0.0), self.train)[graded]
         slopes, bias = fit_severity(train_totals, self.grade_train[graded], len(self.cfg.classes))
-        cfg = replace(self.cfg, acne_slope=fit["slope"], acne_bias=fit["bias"], verdict_threshold=fit["threshold"],
-                      patch_lesion_floor=floor, severity_slopes=tuple(slopes), severity_bias=tuple(bias))
+        cfg = replace(self.cfg, acne_slope=fit["slope"], acne_patches_slope=fit["patches_slope"], acne_bias=fit["bias"],
+                      verdict_threshold=fit["threshold"], patch_lesion_floor=floor, severity_slopes=tuple(slopes),
+                      severity_bias=tuple(bias))
         has_grade = self.grade_val >= 0
         predicted = np.array([int(np.argmax(severity_probs(t, slopes, bias))) for t in totals[has_grade]], np.int64)
         severity = classification_report(self.grade_val[has_grade], predicted, cfg.classes)
