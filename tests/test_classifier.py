@@ -188,6 +188,7 @@ def test_corrupt_weights_are_refused(tmp_path: Path) -> None:
         ({"acne_patches_slope": 0.5}, "acne_patches_slope must be zero or negative"),
         ({"verdict_threshold": 1.5}, r"verdict_threshold must lie in \(0, 1\)"),
         ({"severity_slopes": [1.0, 2.0]}, "severity_slopes and severity_bias need 4 values"),
+        ({"severity_log_slopes": [1.0, 2.0]}, "severity_log_slopes needs 4 values"),
         ({"verdicts": ["clear", "mild"]}, "verdicts must be two names, not severity grades"),
         ({"acne_bias": "high"}, "malformed"),
     ],

@@ -11,7 +11,8 @@ import pytest
 
 from models.classifier import SEVERITIES, Classifier
 from models.classifier.data import load_patch_set
-from models.classifier.train import fit_acne_calibration, main
+from models.classifier.model import severity_probs
+from models.classifier.train import fit_acne_calibration, fit_severity, main
 from tests.classifier_data import MIN_PATCH_SKIN, save_untrained_classifier, write_patch_dataset
 
 FAST = ["--arch", "test_byobnet", "--input-size", "24", "--batch-size", "16", "--threads", "1"]
@@ -197,3 +198,15 @@ def test_the_verdict_calibration_discounts_counts_spread_over_more_skin() -> Non
     # Where more skin goes with more acne, the data cannot teach the discount: the term stays out.
     slope, patches_slope, bias = fit_acne_calibration(totals, patches[::-1].copy(), y, sources)
     assert slope > 0 and patches_slope == 0.0
+
+
+def test_the_severity_curve_recovers_lesion_count_bands_of_every_width() -> None:
+    # Hayashi-like bands: 0-5, 5-20, 20-50 and 50-150 lesions, and counts off by up to 30 %.
+    rng = np.random.default_rng(0)
+    edges = [0, 5, 20, 50, 150]
+    grades = np.repeat(np.arange(4), 100)
+    totals = rng.uniform(np.take(edges, grades), np.take(edges, grades + 1)) * rng.uniform(0.7, 1.3, 400)
+    slopes, log_slopes, bias = fit_severity(totals, grades, 4)
+    assert len(slopes) == len(log_slopes) == len(bias) == 4
+    middles = [2.5, 12.0, 35.0, 100.0]
+    assert [int(np.argmax(severity_probs(m, slopes, bias, log_slopes))) for m in middles] == [0, 1, 2, 3]

@@ -11,8 +11,8 @@ user reads follows from that one number:
   acne: ``acne_patches_slope`` is zero or negative;
 * ``verdict`` = ``acne`` when that probability reaches ``verdict_threshold``, else ``clear``;
 * ``severity`` = the Hayashi grade (``mild`` … ``very_severe``) of a multinomial logistic in
-  the lesion count, given only when the verdict is ``acne``: Hayashi grades are lesion-count
-  bands.
+  the lesion count and its logarithm, given only when the verdict is ``acne``: Hayashi grades
+  are lesion-count bands.
 
 Deciding on lesions, not on whole-patch appearance, is what keeps the verdict from learning
 where a photo came from (phone close-ups of acne against celebrity portraits of clear skin).
@@ -73,6 +73,8 @@ class ClassifierConfig:
     # wrinkles or stubble give each a small rate that would otherwise add up to a lesion or two.
     patch_lesion_floor: float = 0.0
     severity_slopes: tuple[float, ...] = ()
+    # Per grade, on log(1 + lesions); empty (checkpoints before it) means the count alone.
+    severity_log_slopes: tuple[float, ...] = ()
     severity_bias: tuple[float, ...] = ()
     label_map: dict[str, str] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +110,7 @@ class ClassifierConfig:
                     "verdict_threshold": float(cfg.verdict_threshold),
                     "patch_lesion_floor": float(cfg.patch_lesion_floor),
                     "severity_slopes": tuple(float(v) for v in cfg.severity_slopes),
+                    "severity_log_slopes": tuple(float(v) for v in cfg.severity_log_slopes),
                     "severity_bias": tuple(float(v) for v in cfg.severity_bias),
                 }
             )
@@ -141,6 +144,8 @@ class ClassifierConfig:
             out.append(f"patch_lesion_floor must be zero or more, got {self.patch_lesion_floor}")
         if len(self.severity_slopes) != n or len(self.severity_bias) != n:
             out.append(f"severity_slopes and severity_bias need {n} values (one per grade)")
+        if self.severity_log_slopes and len(self.severity_log_slopes) != n:
+            out.append(f"severity_log_slopes needs {n} values (one per grade) or none")
         return out
 
     @property
@@ -191,9 +196,13 @@ def face_lesion_count(patch_lesions: np.ndarray, floor: float) -> float:
     return float(np.maximum(np.asarray(patch_lesions, np.float64) - floor, 0.0).sum())
 
 
-def severity_probs(lesions: float, slopes: Sequence[float], bias: Sequence[float]) -> np.ndarray:
-    """Grade probabilities of a face with ``lesions`` lesions: softmax(slopes · lesions + bias)."""
+def severity_probs(lesions: float, slopes: Sequence[float], bias: Sequence[float],
+                   log_slopes: Sequence[float] = ()) -> np.ndarray:
+    """Grade probabilities of a face with ``lesions`` lesions:
+    softmax(slopes · lesions + log_slopes · log(1 + lesions) + bias)."""
     logits = np.asarray(slopes, np.float64) * lesions + np.asarray(bias, np.float64)
+    if len(log_slopes):
+        logits = logits + np.asarray(log_slopes, np.float64) * math.log1p(max(lesions, 0.0))
     z = np.exp(logits - logits.max())
     return z / z.sum()
 
@@ -237,7 +246,7 @@ class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, b
         cfg = self.cfg
         total = face_lesion_count(patch_lesions, cfg.patch_lesion_floor)
         prob = float(acne_probability(total, len(patch_lesions), cfg.acne_slope, cfg.acne_patches_slope, cfg.acne_bias))
-        grades = severity_probs(total, cfg.severity_slopes, cfg.severity_bias)
+        grades = severity_probs(total, cfg.severity_slopes, cfg.severity_bias, cfg.severity_log_slopes)
         is_acne = prob >= (cfg.verdict_threshold if threshold is None else threshold)
         return FaceScore(
             lesion_count=total,

@@ -88,7 +88,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="graded train faces the per-epoch severity fit uses (0 = all); the kept epoch is refitted on all")
     p.add_argument("--severity-datasets", nargs="+", default=None, metavar="NAME",
                    help="fit the severity curve on the graded train faces of these datasets only (default: every "
-                        "dataset); lesion totals of a source at another scale need not follow the same curve")
+                        "dataset), e.g. one graded source at each of its scales")
     p.add_argument("--init", default=None,
                    help="classifier checkpoint to start from (same arch; with --epochs 0 also the same input "
                         "size); tensors whose shape fits are reused")
@@ -107,27 +107,35 @@ def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (batch * gain + shift).clamp(0, 255)
 
 
-def fit_severity(totals: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[list[float], list[float]]:
-    """Multinomial logistic regression of the grade on total lesions, grades weighted alike."""
+def fit_severity(totals: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[list[float], list[float], list[float]]:
+    """Multinomial logistic regression of the grade on total lesions and log(1 + total), grades
+    weighted alike: (slopes, log_slopes, bias), one value per grade each.
+
+    Hayashi's bands are counts, but the counter's error grows with the count; the log term lets
+    the curve be steep among few lesions and flat among many.
+    """
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     class_weight = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
     scale = max(float(np.median(totals)), 1.0)
     x = torch.tensor(totals / scale, dtype=torch.float64)
+    logx = torch.log1p(torch.tensor(np.maximum(totals, 0.0), dtype=torch.float64))
     target = torch.tensor(y)
     w = torch.tensor(class_weight[y], dtype=torch.float64)
     a = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    c = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([a, b], lr=1, max_iter=500, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([a, c, b], lr=1, max_iter=500, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        logits = x[:, None] * a[None] + b[None]
-        loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum() + 1e-4 * (a**2).sum()
+        logits = x[:, None] * a[None] + logx[:, None] * c[None] + b[None]
+        loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum()
+        loss = loss + 1e-4 * ((a**2).sum() + (c**2).sum())
         loss.backward()
         return loss
 
     opt.step(closure)
-    return (a.detach().numpy() / scale).tolist(), b.detach().numpy().tolist()
+    return (a.detach().numpy() / scale).tolist(), c.detach().numpy().tolist(), b.detach().numpy().tolist()
 
 
 def source_balanced_weights(y: np.ndarray, sources: Sequence[str]) -> np.ndarray:
@@ -370,12 +378,13 @@ class Trainer:
             graded = np.sort(np.random.default_rng(self.args.seed).permutation(graded)[:calibration_faces])
         train_patches = self._patch_lesions(self.train, graded)
         train_totals = face_totals(np.maximum(train_patches - floor, 0.0), self.train)[graded]
-        slopes, bias = fit_severity(train_totals, self.grade_train[graded], len(self.cfg.classes))
+        slopes, log_slopes, bias = fit_severity(train_totals, self.grade_train[graded], len(self.cfg.classes))
         cfg = replace(self.cfg, acne_slope=fit["slope"], acne_patches_slope=fit["patches_slope"], acne_bias=fit["bias"],
                       verdict_threshold=fit["threshold"], patch_lesion_floor=floor, severity_slopes=tuple(slopes),
-                      severity_bias=tuple(bias))
+                      severity_log_slopes=tuple(log_slopes), severity_bias=tuple(bias))
         has_grade = self.grade_val >= 0
-        predicted = np.array([int(np.argmax(severity_probs(t, slopes, bias))) for t in totals[has_grade]], np.int64)
+        predicted = np.array([int(np.argmax(severity_probs(t, slopes, bias, log_slopes))) for t in totals[has_grade]],
+                             np.int64)
         severity = classification_report(self.grade_val[has_grade], predicted, cfg.classes)
         true_val = face_totals(np.nan_to_num(self.val.lesions), self.val)
         lesion_known = has_grade | (self.verdict_val == 1)
