@@ -4,7 +4,7 @@
 model(s), one actor per core -> ``write_parquet``. The actors do what the reference loop
 and the Beam DoFns do, with the same per-record functions: read, ``assign_split`` (build),
 ``decode_record``, ``Segmenter.predict_masks``, ``filter_face``, ``patch_face``, then
-``encode_patches`` (build) or ``Classifier.predict_lesions``, ``judge_faces`` and
+``encode_patches`` (build) or ``Classifier.predict_patches``, ``judge_faces`` and
 ``score_row`` (score). Each batch comes back as one Arrow table whose rows are either a
 result row (a patch or a score) or a faces/ row; the dataset is materialised once and each
 kind written to its own folder, so nothing is computed twice.
@@ -121,8 +121,8 @@ class ScoreFaces(Faces):
         rows = [unscored_row(o, *self.shas) for o in outcomes if o.status == FILTERED]
         if faces:
             patches = [p.pixels for f in faces for p in f.patches]
-            lesions = self.classifier.predict_lesions(patches, self.config.classifier_batch_size)
-            for scored in judge_faces(self.classifier, faces, lesions, self.config.verdict_threshold):
+            lesions, grades = self.classifier.predict_patches(patches, self.config.classifier_batch_size)
+            for scored in judge_faces(self.classifier, faces, lesions, grades, self.config.verdict_threshold):
                 rows.append(score_row(scored, self.config.top_patches, *self.shas))
                 outcomes.append(scored_outcome(scored))
         return union("score", SCORE_SCHEMA, rows, outcomes)

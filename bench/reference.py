@@ -86,8 +86,9 @@ def segment(model: Segmenter, images: Sequence[np.ndarray], clock: StageClock) -
         return model.masks_from_probs(probs, [im.shape for im in images])
 
 
-def classify(model: Classifier, patches: Sequence[np.ndarray], batch_size: int, clock: StageClock) -> np.ndarray:
-    """``Classifier.forward_patches`` + ``lesions_from_outputs``, one stage at a time."""
+def classify(model: Classifier, patches: Sequence[np.ndarray], batch_size: int,
+             clock: StageClock) -> tuple[np.ndarray, np.ndarray]:
+    """``Classifier.predict_patches``, one stage at a time: expected lesions and grade probabilities."""
     outputs = []
     for start in range(0, len(patches), batch_size):
         with clock("resize.classifier"):
@@ -95,7 +96,8 @@ def classify(model: Classifier, patches: Sequence[np.ndarray], batch_size: int, 
         with clock("inference.classifier"), torch.inference_mode():
             outputs.append(model.network(chunk.to(model.device)).float().cpu().numpy())
     with clock("encode"):
-        return model.lesions_from_outputs(np.concatenate(outputs))
+        joined = np.concatenate(outputs)
+        return model.lesions_from_outputs(joined), model.grades_from_outputs(joined)
 
 
 def image_files(patterns: Sequence[str]) -> list[str]:
@@ -210,9 +212,10 @@ def run_score(args: ScoreConfig, clock: StageClock, shard: tuple[int, int] = (0,
     pending: list[ImageRecord] = []
 
     def flush() -> None:
-        lesions = classify(classifier, [p.pixels for f in pending for p in f.patches], args.classifier_batch_size, clock)
+        lesions, grades = classify(classifier, [p.pixels for f in pending for p in f.patches],
+                                   args.classifier_batch_size, clock)
         with clock("encode"):
-            scored_faces = judge_faces(classifier, pending, lesions, args.verdict_threshold)
+            scored_faces = judge_faces(classifier, pending, lesions, grades, args.verdict_threshold)
         for scored in scored_faces:
             with clock("encode"):
                 row = score_row(scored, args.top_patches, *shas)

@@ -38,12 +38,14 @@ CLEAR_LABELS = ("clear", "face")
 
 # A calibration under which no face is acne: even 100 000 lesions give p = sigmoid(11.5 - 20) < 0.001,
 # and no face has p below sigmoid(-20) ~ 2e-9. An "acne" can then only come from a threshold
-# the user passed. The grade curve: 0 lesions mild, 5 moderate, 10 severe, 20 very severe.
+# the user passed. The grade curve: 0 lesions mild, 5 moderate, 10 severe, 20 very severe, nudged
+# by the patches' own grade outputs (so every path that judges faces must carry them).
 ALWAYS_CLEAR = dict(
     acne_slope=1.0,
     acne_bias=-20.0,
     verdict_threshold=0.5,
     severity_slopes=(0.0, 0.5, 1.0, 1.5),
+    severity_patch_weights=tuple(tuple(0.5 * (row == col) for col in range(4)) for row in range(4)),
     severity_bias=(0.0, -2.0, -6.0, -12.0),
 )
 

@@ -115,9 +115,28 @@ def test_probabilities_are_one_distribution_over_clear_and_every_grade() -> None
     assert max(clf.judge(np.array([50.0])).probabilities(clf.cfg).items(), key=lambda kv: kv[1])[0] == "very_severe"
 
 
+def test_severity_can_follow_the_patches_grade_outputs_beside_the_count() -> None:
+    # Each grade's logit gains 3 x log(mean patch probability of that grade).
+    reads_grades = _classifier(severity_patch_weights=tuple(tuple(3.0 * (r == c) for c in range(4)) for r in range(4)))
+    ten = np.array([4.0, 6.0])
+    assert _classifier().judge(ten).severity == "severe"
+    mild_looking = np.tile([0.7, 0.1, 0.1, 0.1], (2, 1))
+    assert reads_grades.judge(ten, patch_grades=mild_looking).severity == "mild"
+    assert reads_grades.judge(ten, patch_grades=mild_looking[:, ::-1]).severity == "very_severe"
+    # The verdict never reads them: it follows the lesions alone.
+    assert reads_grades.judge(ten, patch_grades=mild_looking).acne_probability == _classifier().judge(ten).acne_probability
+    with pytest.raises(ValueError, match="grade outputs too"):
+        reads_grades.judge(ten)
+    with pytest.raises(ValueError, match="one row per patch"):
+        reads_grades.judge(ten, patch_grades=mild_looking[:1])
+    lesions, grades = reads_grades.predict_patches(_patches(3))
+    np.testing.assert_allclose(lesions, reads_grades.predict_lesions(_patches(3)), rtol=1e-5)
+    assert grades.shape == (3, 4) and np.allclose(grades.sum(1), 1.0, atol=1e-5)
+
+
 def test_checkpoint_round_trip_keeps_predictions_and_identity(tmp_path: Path) -> None:
     clf = _classifier(label_map={"0": "mild", "3": "very_severe", "face": "clear"}, patch_size=128,
-                      min_patch_skin=0.4)
+                      min_patch_skin=0.4, severity_patch_weights=((0.5,) * 4,) * 4)
     sha = clf.save(str(tmp_path / "ckpt"), training={"epochs": 1})
     loaded = Classifier.load(str(tmp_path / "ckpt"))
     assert loaded.sha256 == sha and len(sha) == 64
@@ -127,8 +146,8 @@ def test_checkpoint_round_trip_keeps_predictions_and_identity(tmp_path: Path) ->
     assert loaded.cfg == replace(clf.cfg, training={"epochs": 1})
     patches = _patches(4)
     np.testing.assert_allclose(loaded.predict_lesions(patches), clf.predict_lesions(patches), rtol=1e-5)
-    counts = clf.predict_lesions(patches)
-    assert loaded.judge(counts) == clf.judge(counts)
+    counts, grades = clf.predict_patches(patches)
+    assert loaded.judge(counts, patch_grades=grades) == clf.judge(counts, patch_grades=grades)
     # Saving again gives the same identity: the hash names the content, not the moment.
     assert loaded.save(str(tmp_path / "again")) == sha
 
@@ -189,6 +208,8 @@ def test_corrupt_weights_are_refused(tmp_path: Path) -> None:
         ({"verdict_threshold": 1.5}, r"verdict_threshold must lie in \(0, 1\)"),
         ({"severity_slopes": [1.0, 2.0]}, "severity_slopes and severity_bias need 4 values"),
         ({"severity_log_slopes": [1.0, 2.0]}, "severity_log_slopes needs 4 values"),
+        ({"severity_patch_weights": [[1.0] * 4] * 3}, "severity_patch_weights needs 4 rows of 4 values"),
+        ({"severity_patch_weights": [[1.0, 2.0]] * 4}, "severity_patch_weights needs 4 rows of 4 values"),
         ({"verdicts": ["clear", "mild"]}, "verdicts must be two names, not severity grades"),
         ({"acne_bias": "high"}, "malformed"),
     ],

@@ -29,13 +29,14 @@ def _scored(checkpoint: str, faces: list[ImageRecord], **handler_kwargs):
 def test_faces_batched_together_get_the_same_answer_as_alone(pipeline, untrained_classifier: str) -> None:
     faces = [face("a", 5), face("b", 1), face("c", 7)]
     classifier = Classifier.load(untrained_classifier)
-    alone = {f.image_id: classifier.predict_lesions([p.pixels for p in f.patches]) for f in faces}
+    alone = {f.image_id: classifier.predict_patches([p.pixels for p in f.patches]) for f in faces}
 
     def check(scored) -> None:
         assert sorted(s.record.image_id for s in scored) == ["a", "b", "c"]
         for s in scored:
-            expected = classifier.judge(alone[s.record.image_id])
-            np.testing.assert_allclose(s.patch_lesions, alone[s.record.image_id], rtol=1e-4)
+            lesions, grades = alone[s.record.image_id]
+            expected = classifier.judge(lesions, patch_grades=grades)
+            np.testing.assert_allclose(s.patch_lesions, lesions, rtol=1e-4)
             assert s.score.lesion_count == pytest.approx(expected.lesion_count, rel=1e-4)
             assert s.score.acne_probability == pytest.approx(expected.acne_probability, rel=1e-4)
             assert (s.score.verdict, s.score.severity) == (expected.verdict, expected.severity)

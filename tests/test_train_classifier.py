@@ -9,9 +9,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from models.classifier import SEVERITIES, Classifier
+from models.classifier import SEVERITIES, Classifier, ClassifierConfig
 from models.classifier.data import load_patch_set
-from models.classifier.model import severity_probs
 from models.classifier.train import fit_acne_calibration, fit_severity, main
 from tests.classifier_data import MIN_PATCH_SKIN, save_untrained_classifier, write_patch_dataset
 
@@ -51,10 +50,10 @@ def test_learns_to_tell_clear_from_acne_faces(trained: tuple[Path, dict], mixed:
     # The network counts spots: on the test faces, predicted lesions follow the true ones.
     clf = Classifier.load(str(trained[0]))
     test = load_patch_set(str(mixed), "test", 24)
-    predicted = clf.predict_lesions(list(test.pixels))
+    predicted, grades = clf.predict_patches(list(test.pixels))
     truth = np.nan_to_num(test.lesions)
     assert np.corrcoef(predicted, truth)[0, 1] > 0.8
-    verdicts = [clf.judge(predicted[idx]).verdict for idx in test.face_patches()]
+    verdicts = [clf.judge(predicted[idx], patch_grades=grades[idx]).verdict for idx in test.face_patches()]
     expected = ["clear" if lab == "clear" else "acne" for lab in test.face_labels]
     assert np.mean([v == e for v, e in zip(verdicts, expected)]) >= 0.9
 
@@ -67,9 +66,11 @@ def test_writes_a_checkpoint_with_its_calibration_and_its_tiling(trained: tuple[
     assert 0.0 < cfg.verdict_threshold < 1.0 and cfg.verdict_threshold == metrics["validation"]["binary"]["threshold"]
     assert cfg.acne_slope > 0 and cfg.acne_slope == metrics["config"]["acne_slope"]
     assert cfg.classes == SEVERITIES and len(cfg.severity_slopes) == len(cfg.severity_bias) == 4
-    # Grades are lesion-count bands: the fitted curve puts the worst grade at the most lesions.
-    assert clf.judge(np.array([0.0]), threshold=1e-9).severity == "mild"
-    assert clf.judge(np.array([40.0]), threshold=1e-9).severity == "very_severe"
+    # Grades are lesion-count bands: on patches that look alike, the fitted curve puts the worst
+    # grade at the most lesions.
+    alike = np.full((1, 4), 0.25)
+    assert clf.judge(np.array([0.0]), threshold=1e-9, patch_grades=alike).severity == "mild"
+    assert clf.judge(np.array([40.0]), threshold=1e-9, patch_grades=alike).severity == "very_severe"
     assert (cfg.patch_size, cfg.input_size, cfg.min_patch_skin) == (24, 24, MIN_PATCH_SKIN)
     assert cfg.training["best_epoch"] == metrics["best_epoch"] and cfg.training["complete"] is True
     assert cfg.training["args"]["seed"] == 0
@@ -206,7 +207,31 @@ def test_the_severity_curve_recovers_lesion_count_bands_of_every_width() -> None
     edges = [0, 5, 20, 50, 150]
     grades = np.repeat(np.arange(4), 100)
     totals = rng.uniform(np.take(edges, grades), np.take(edges, grades + 1)) * rng.uniform(0.7, 1.3, 400)
-    slopes, log_slopes, bias = fit_severity(totals, grades, 4)
-    assert len(slopes) == len(log_slopes) == len(bias) == 4
+    uninformative = np.full((400, 4), 0.25)
+    cfg = _fitted_severity(totals, uninformative, grades)
     middles = [2.5, 12.0, 35.0, 100.0]
-    assert [int(np.argmax(severity_probs(m, slopes, bias, log_slopes))) for m in middles] == [0, 1, 2, 3]
+    assert [int(np.argmax(cfg.severity_probs(m, uninformative[0]))) for m in middles] == [0, 1, 2, 3]
+
+
+def test_the_severity_curve_reads_the_patches_grade_outputs_where_counts_overlap() -> None:
+    # Moderate and severe faces with the same spread of counts; only their patches' grade
+    # outputs (noisy, but leaning to the true grade) tell them apart.
+    rng = np.random.default_rng(0)
+    grades = np.repeat([1, 2], 200)
+    totals = rng.uniform(10, 40, 400)
+    leaning = np.full((400, 4), 0.1)
+    leaning[np.arange(400), grades] += rng.uniform(0.2, 0.6, 400)
+    leaning /= leaning.sum(1, keepdims=True)
+    cfg = _fitted_severity(totals, leaning, grades)
+    predicted = np.array([int(np.argmax(cfg.severity_probs(t, g))) for t, g in zip(totals, leaning)])
+    assert (predicted == grades).mean() > 0.95
+    count_only = _fitted_severity(totals, np.full((400, 4), 0.25), grades)
+    assert np.mean([int(np.argmax(count_only.severity_probs(t, np.full(4, 0.25)))) == g
+                    for t, g in zip(totals, grades)]) < 0.7
+
+
+def _fitted_severity(totals: np.ndarray, mean_grades: np.ndarray, grades: np.ndarray) -> ClassifierConfig:
+    slopes, log_slopes, patch_weights, bias = fit_severity(totals, mean_grades, grades, 4)
+    assert len(slopes) == len(log_slopes) == len(bias) == len(patch_weights) == 4
+    return ClassifierConfig(severity_slopes=tuple(slopes), severity_log_slopes=tuple(log_slopes), severity_bias=tuple(bias),
+                            severity_patch_weights=tuple(tuple(row) for row in patch_weights))

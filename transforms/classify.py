@@ -2,8 +2,8 @@
 
 One element is one face with its patches. A batch holds as many faces as fit in
 ``--classifier-batch-size`` patches, so small faces share a forward pass; the results are
-split back per face, and each face is judged from its patches' expected lesions: verdict,
-acne probability, lesion count and (for acne) severity.
+split back per face, and each face is judged from its patches' expected lesions (and grade
+outputs, for severity): verdict, acne probability, lesion count and (for acne) severity.
 """
 from __future__ import annotations
 
@@ -32,17 +32,19 @@ class ScoredFace:
     probabilities: dict[str, float]
 
 
-def judge_faces(model: Classifier, records: Sequence[ImageRecord], lesions: np.ndarray,
+def judge_faces(model: Classifier, records: Sequence[ImageRecord], lesions: np.ndarray, grades: np.ndarray,
                 threshold: Optional[float] = None) -> list[ScoredFace]:
-    """Split a batch's per-patch expected lesions back per face and judge each face.
+    """Split a batch's per-patch expected lesions and grade probabilities (``Classifier.predict_patches``)
+    back per face and judge each face.
 
     The one path from patch outputs to face answers, for the job and the benchmark's loop alike.
     """
     scored, start = [], 0
     for record in records:
-        mine = lesions[start : start + len(record.patches)]
-        start += len(record.patches)
-        face = model.judge(mine, threshold)
+        end = start + len(record.patches)
+        mine = lesions[start:end]
+        face = model.judge(mine, threshold, grades[start:end])
+        start = end
         scored.append(ScoredFace(record, mine, face, face.probabilities(model.cfg)))
     return scored
 
@@ -64,8 +66,8 @@ class AcneClassifierHandler(CheckpointHandler[ScoredFace, Classifier]):
     def run_inference(
         self, batch: Sequence[ImageRecord], model: Classifier, inference_args: Optional[dict[str, Any]] = None
     ) -> Iterable[ScoredFace]:
-        lesions = model.predict_lesions([p.pixels for r in batch for p in r.patches], self._max_patches)
-        return judge_faces(model, batch, lesions, self._threshold)
+        lesions, grades = model.predict_patches([p.pixels for r in batch for p in r.patches], self._max_patches)
+        return judge_faces(model, batch, lesions, grades, self._threshold)
 
     def get_num_bytes(self, batch: Sequence[ImageRecord]) -> int:
         return sum(p.pixels.nbytes for r in batch for p in r.patches)

@@ -75,6 +75,12 @@ def face_totals(per_patch: np.ndarray, data: PatchSet) -> np.ndarray:
     return np.bincount(data.face, weights=per_patch, minlength=len(data.face_ids))
 
 
+def face_mean_grades(patch_grades: np.ndarray, data: PatchSet) -> np.ndarray:
+    """Each face's mean patch grade probabilities (faces, grades), in face_ids order."""
+    patches = np.maximum(np.bincount(data.face, minlength=len(data.face_ids)), 1)
+    return np.stack([face_totals(patch_grades[:, g], data) for g in range(patch_grades.shape[1])], 1) / patches[:, None]
+
+
 def check_splits_disjoint(root: str) -> None:
     """Refuse a dataset where a face appears in more than one split (it would leak)."""
     table = read_patches(root, "all", columns=["image_id", "split"])

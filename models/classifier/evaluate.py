@@ -3,7 +3,7 @@
     python -m models.classifier.evaluate [NAME=]DATASET... [--checkpoint PATH]
                                          [--split validation,test] [--json OUT] [--plots DIR]
 
-Every face's patches go through ``Classifier.predict_lesions`` and ``Classifier.judge``
+Every face's patches go through ``Classifier.predict_patches`` and ``Classifier.judge``
 (exactly what the scoring job does). Reports, in this order:
 
 * the binary task, clear vs acne: macro-F1, ROC AUC and the confusion matrix, pooled; then
@@ -64,12 +64,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def judge_faces(data: PatchSet, clf: Classifier, threshold: float | None) -> list[dict[str, Any]]:
     """Every face's answer, with its three most suspicious patches."""
-    lesions = clf.predict_lesions(list(data.pixels))
+    lesions, grades = clf.predict_patches(list(data.pixels))
     labels = [None if lab is None else clf.cfg.label_map.get(lab, lab) for lab in data.face_labels]
     verdict, grade = face_verdicts(labels, clf.cfg.classes, clf.cfg.verdicts)
     faces = []
     for f, idx in enumerate(data.face_patches()):
-        answer = clf.judge(lesions[idx], threshold)
+        answer = clf.judge(lesions[idx], threshold, grades[idx])
         top = idx[np.argsort(-lesions[idx], kind="stable")[:3]]
         faces.append({
             "image_id": data.face_ids[f],
@@ -82,7 +82,7 @@ def judge_faces(data: PatchSet, clf: Classifier, threshold: float | None) -> lis
             "acne_probability": round(answer.acne_probability, 6),
             "lesion_count": round(answer.lesion_count, 3),
             "severity": answer.severity,
-            "severity_by_count": clf.cfg.classes[int(np.argmax(answer.severity_probs))],
+            "severity_if_acne": clf.cfg.classes[int(np.argmax(answer.severity_probs))],
             "patches": int(len(idx)),
             "top_patches": [dict(zip(("x", "y", "size"), data.boxes[i].tolist()), lesions=round(float(lesions[i]), 3))
                             for i in top],
@@ -120,7 +120,7 @@ def evaluate(datasets: Sequence[str], clf: Classifier, split: str, threshold: fl
     if graded:
         classes = list(clf.cfg.classes)
         truth = np.array([classes.index(f["true_severity"]) for f in graded])
-        pred = np.array([classes.index(f["severity_by_count"]) for f in graded])
+        pred = np.array([classes.index(f["severity_if_acne"]) for f in graded])
         severity = classification_report(truth, pred, classes)
         names = np.array([f["dataset"] for f in graded])
         severity["by_dataset"] = {

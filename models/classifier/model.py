@@ -2,8 +2,8 @@
 
 A face is judged from its skin patches (Quattrini et al. 2022). The network predicts how many
 acne lesions each patch holds; the face's ``lesion_count`` is their sum, less a small
-per-patch floor (``patch_lesion_floor``) that clear skin texture stays under. Everything a
-user reads follows from that one number:
+per-patch floor (``patch_lesion_floor``) that clear skin texture stays under. The verdict
+follows from that number and the skin it was counted on:
 
 * ``acne_probability`` = sigmoid(acne_slope · log(1 + lesion_count) + acne_patches_slope ·
   log(patches) + acne_bias), calibrated on validation faces. Skin texture gives every patch a
@@ -12,12 +12,14 @@ user reads follows from that one number:
 * ``verdict`` = ``acne`` when that probability reaches ``verdict_threshold``, else ``clear``;
 * ``severity`` = the Hayashi grade (``mild`` … ``very_severe``) of a multinomial logistic in
   the lesion count and its logarithm, given only when the verdict is ``acne``: Hayashi grades
-  are lesion-count bands.
+  are lesion-count bands. Checkpoints with ``severity_patch_weights`` also read the log of the
+  patches' mean grade probabilities, which carry what a count loses (how large and how inflamed
+  the lesions look).
 
 Deciding on lesions, not on whole-patch appearance, is what keeps the verdict from learning
 where a photo came from (phone close-ups of acne against celebrity portraits of clear skin).
-The network also has one logit per severity grade; the trainer uses them as an auxiliary
-signal on graded faces, and inference ignores them.
+The network also has one logit per severity grade, trained on graded faces; only the
+severity reads them, never the verdict.
 
 Plain PyTorch and NumPy, no Beam: the trainer, the evaluator and the scoring job call the
 same methods.
@@ -42,6 +44,8 @@ CLEAR, ACNE = "clear", "acne"
 SEVERITIES = ("mild", "moderate", "severe", "very_severe")
 # exp() of the log-rate output is clipped to this range: at most ~3000 lesions per patch.
 _LOG_RATE_RANGE = (-20.0, 8.0)
+# The least mean patch grade probability severity takes the log of: keeps log() finite.
+GRADE_PROBABILITY_FLOOR = 1e-6
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class ClassifierConfig:
     severity_slopes: tuple[float, ...] = ()
     # Per grade, on log(1 + lesions); empty (checkpoints before it) means the count alone.
     severity_log_slopes: tuple[float, ...] = ()
+    # One row per grade, one weight per patch grade, on log(the face's mean patch grade
+    # probabilities); empty (checkpoints before it) means the count alone.
+    severity_patch_weights: tuple[tuple[float, ...], ...] = ()
     severity_bias: tuple[float, ...] = ()
     label_map: dict[str, str] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +118,8 @@ class ClassifierConfig:
                     "patch_lesion_floor": float(cfg.patch_lesion_floor),
                     "severity_slopes": tuple(float(v) for v in cfg.severity_slopes),
                     "severity_log_slopes": tuple(float(v) for v in cfg.severity_log_slopes),
+                    "severity_patch_weights": tuple(tuple(float(v) for v in row)
+                                                    for row in cfg.severity_patch_weights),
                     "severity_bias": tuple(float(v) for v in cfg.severity_bias),
                 }
             )
@@ -146,7 +155,34 @@ class ClassifierConfig:
             out.append(f"severity_slopes and severity_bias need {n} values (one per grade)")
         if self.severity_log_slopes and len(self.severity_log_slopes) != n:
             out.append(f"severity_log_slopes needs {n} values (one per grade) or none")
+        if self.severity_patch_weights and (len(self.severity_patch_weights) != n
+                                            or any(len(row) != n for row in self.severity_patch_weights)):
+            out.append(f"severity_patch_weights needs {n} rows of {n} values (grade by patch grade) or none")
+        finite = [*self.severity_slopes, *self.severity_log_slopes, *self.severity_bias,
+                  *(v for row in self.severity_patch_weights for v in row)]
+        if not all(math.isfinite(v) for v in finite):
+            out.append("the severity curve's values must be finite numbers")
         return out
+
+    @property
+    def reads_patch_grades(self) -> bool:
+        """Whether severity needs the patches' grade outputs beside their lesion counts."""
+        return bool(self.severity_patch_weights)
+
+    def severity_probs(self, lesions: float, mean_patch_grades: Sequence[float] | None = None) -> np.ndarray:
+        """Grade probabilities of a face with ``lesions`` lesions: softmax(slopes · lesions +
+        log_slopes · log(1 + lesions) + patch_weights · log(mean_patch_grades) + bias)."""
+        logits = np.asarray(self.severity_slopes, np.float64) * lesions + np.asarray(self.severity_bias, np.float64)
+        if self.severity_log_slopes:
+            logits = logits + np.asarray(self.severity_log_slopes, np.float64) * math.log1p(max(lesions, 0.0))
+        if self.reads_patch_grades:
+            if mean_patch_grades is None:
+                raise ValueError("this classifier reads severity from its patches' grade outputs too: "
+                                 "pass their mean probabilities (Classifier.predict_patches gives them)")
+            log_grades = np.log(np.maximum(np.asarray(mean_patch_grades, np.float64), GRADE_PROBABILITY_FLOOR))
+            logits = logits + np.asarray(self.severity_patch_weights, np.float64) @ log_grades
+        z = np.exp(logits - logits.max())
+        return z / z.sum()
 
     @property
     def num_outputs(self) -> int:
@@ -196,17 +232,6 @@ def face_lesion_count(patch_lesions: np.ndarray, floor: float) -> float:
     return float(np.maximum(np.asarray(patch_lesions, np.float64) - floor, 0.0).sum())
 
 
-def severity_probs(lesions: float, slopes: Sequence[float], bias: Sequence[float],
-                   log_slopes: Sequence[float] = ()) -> np.ndarray:
-    """Grade probabilities of a face with ``lesions`` lesions:
-    softmax(slopes · lesions + log_slopes · log(1 + lesions) + bias)."""
-    logits = np.asarray(slopes, np.float64) * lesions + np.asarray(bias, np.float64)
-    if len(log_slopes):
-        logits = logits + np.asarray(log_slopes, np.float64) * math.log1p(max(lesions, 0.0))
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
-
-
 class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, build=build_network,
                  enlarge_interpolation=cv2.INTER_AREA):
     """A loaded classifier: network, config and checkpoint hash, ready for inference."""
@@ -234,19 +259,41 @@ class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, b
         """Expected lesions per patch (N,) float64 from raw outputs."""
         return np.exp(np.clip(outputs[:, len(self.cfg.classes)].astype(np.float64), *_LOG_RATE_RANGE))
 
+    def grades_from_outputs(self, outputs: np.ndarray) -> np.ndarray:
+        """Grade probabilities per patch (N, grades) float64 from raw outputs."""
+        logits = outputs[:, : len(self.cfg.classes)].astype(np.float64)
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
     def predict_lesions(self, patches: Sequence[np.ndarray], batch_size: int = 256) -> np.ndarray:
         """Expected lesions per patch (N,) float32 for RGB uint8 patches of any square size."""
         return self.lesions_from_outputs(self.forward_patches(patches, batch_size)).astype(np.float32)
 
-    def judge(self, patch_lesions: np.ndarray, threshold: float | None = None) -> FaceScore:
-        """The face's answer from its patches' expected lesions (``threshold`` overrides the config's)."""
+    def predict_patches(self, patches: Sequence[np.ndarray], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Expected lesions (N,) float32 and grade probabilities (N, grades) float32 per patch:
+        everything ``judge`` reads, from one forward pass."""
+        outputs = self.forward_patches(patches, batch_size)
+        return (self.lesions_from_outputs(outputs).astype(np.float32),
+                self.grades_from_outputs(outputs).astype(np.float32))
+
+    def judge(self, patch_lesions: np.ndarray, threshold: float | None = None,
+              patch_grades: np.ndarray | None = None) -> FaceScore:
+        """The face's answer from its patches' expected lesions (``threshold`` overrides the config's)
+        and, for a checkpoint whose severity reads them, their grade probabilities (N, grades)."""
         patch_lesions = np.asarray(patch_lesions, np.float64)
         if patch_lesions.ndim != 1 or len(patch_lesions) == 0:
             raise ValueError(f"judge needs the expected lesions of at least one patch, got shape {patch_lesions.shape}")
         cfg = self.cfg
+        mean_grades = None
+        if patch_grades is not None:
+            patch_grades = np.asarray(patch_grades, np.float64)
+            if patch_grades.shape != (len(patch_lesions), len(cfg.classes)):
+                raise ValueError(f"patch_grades must be ({len(patch_lesions)}, {len(cfg.classes)}): one row per "
+                                 f"patch, one column per grade; got {patch_grades.shape}")
+            mean_grades = patch_grades.mean(axis=0)
         total = face_lesion_count(patch_lesions, cfg.patch_lesion_floor)
         prob = float(acne_probability(total, len(patch_lesions), cfg.acne_slope, cfg.acne_patches_slope, cfg.acne_bias))
-        grades = severity_probs(total, cfg.severity_slopes, cfg.severity_bias, cfg.severity_log_slopes)
+        grades = cfg.severity_probs(total, mean_grades)
         is_acne = prob >= (cfg.verdict_threshold if threshold is None else threshold)
         return FaceScore(
             lesion_count=total,

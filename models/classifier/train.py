@@ -8,7 +8,8 @@ lesions, and faces with a severity grade also train one grade logit per patch (a
 signal). Every epoch is scored on the ``validation`` split of every dataset: the acne
 probability is calibrated there (a logistic in log(1 + lesions), each source weighted
 alike), the per-patch lesion floor and then the verdict threshold are the ones whose worst
-per-source rate is best, and the severity curve is fitted on graded train faces. The epoch kept is the best on binary
+per-source rate is best, and the severity curve (the count, its logarithm and the patches'
+mean grade outputs) is fitted on graded train faces. The epoch kept is the best on binary
 macro-F1 plus a quarter of the severity macro-F1.
 
 Datasets are named ``NAME=PATH`` or after their folder; ``acne04@0.5`` is the source
@@ -38,14 +39,15 @@ from models.classifier.model import (
     SEVERITIES,
     Classifier,
     ClassifierConfig,
+    GRADE_PROBABILITY_FLOOR,
     acne_probability,
     build_network,
-    severity_probs,
 )
 from models.dataset import read_manifest
 from models.classifier.data import (
     PatchSet,
     check_splits_disjoint,
+    face_mean_grades,
     face_totals,
     face_verdicts,
     load_sources,
@@ -107,35 +109,39 @@ def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (batch * gain + shift).clamp(0, 255)
 
 
-def fit_severity(totals: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[list[float], list[float], list[float]]:
-    """Multinomial logistic regression of the grade on total lesions and log(1 + total), grades
-    weighted alike: (slopes, log_slopes, bias), one value per grade each.
+def fit_severity(totals: np.ndarray, mean_grades: np.ndarray, y: np.ndarray,
+                 n_classes: int) -> tuple[list[float], list[float], list[list[float]], list[float]]:
+    """Multinomial logistic regression of the grade on total lesions, log(1 + total) and the log of
+    the face's mean patch grade probabilities (faces, grades), grades weighted alike:
+    (slopes, log_slopes, patch_weights, bias); ``patch_weights`` has one row per grade.
 
     Hayashi's bands are counts, but the counter's error grows with the count; the log term lets
-    the curve be steep among few lesions and flat among many.
+    the curve be steep among few lesions and flat among many. The patches' own grade outputs
+    carry what a count loses: how large and how inflamed the lesions are.
     """
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     class_weight = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
     scale = max(float(np.median(totals)), 1.0)
     x = torch.tensor(totals / scale, dtype=torch.float64)
     logx = torch.log1p(torch.tensor(np.maximum(totals, 0.0), dtype=torch.float64))
+    log_grades = torch.tensor(np.log(np.maximum(mean_grades, GRADE_PROBABILITY_FLOOR)), dtype=torch.float64)
     target = torch.tensor(y)
     w = torch.tensor(class_weight[y], dtype=torch.float64)
-    a = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    c = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([a, c, b], lr=1, max_iter=500, line_search_fn="strong_wolfe")
+    a, c, b = (torch.zeros(n_classes, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    m = torch.zeros(n_classes, n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([a, c, m, b], lr=1, max_iter=500, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        logits = x[:, None] * a[None] + logx[:, None] * c[None] + b[None]
+        logits = x[:, None] * a[None] + logx[:, None] * c[None] + log_grades @ m.T + b[None]
         loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum()
-        loss = loss + 1e-4 * ((a**2).sum() + (c**2).sum())
+        loss = loss + 1e-4 * ((a**2).sum() + (c**2).sum() + (m**2).sum())
         loss.backward()
         return loss
 
     opt.step(closure)
-    return (a.detach().numpy() / scale).tolist(), c.detach().numpy().tolist(), b.detach().numpy().tolist()
+    return ((a.detach().numpy() / scale).tolist(), c.detach().numpy().tolist(), m.detach().numpy().tolist(),
+            b.detach().numpy().tolist())
 
 
 def source_balanced_weights(y: np.ndarray, sources: Sequence[str]) -> np.ndarray:
@@ -339,14 +345,16 @@ class Trainer:
             seen += len(idx)
         return total / max(seen, 1)
 
-    def _patch_lesions(self, data: PatchSet, faces: np.ndarray | None = None) -> np.ndarray:
-        """Predicted lesions per patch (of ``faces`` only, when given; others are 0)."""
+    def _patch_outputs(self, data: PatchSet, faces: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted lesions (N,) and grade probabilities (N, grades) per patch (of ``faces`` only,
+        when given; others are 0)."""
         clf = Classifier(self.network, self.cfg, device=str(self.device))
         rows = np.arange(len(data)) if faces is None else np.nonzero(np.isin(data.face, faces))[0]
-        per_patch = np.zeros(len(data))
-        per_patch[rows] = clf.lesions_from_outputs(clf.forward_patches(list(data.pixels[rows])))
+        lesions, grades = np.zeros(len(data)), np.zeros((len(data), len(self.cfg.classes)))
+        outputs = clf.forward_patches(list(data.pixels[rows]))
+        lesions[rows], grades[rows] = clf.lesions_from_outputs(outputs), clf.grades_from_outputs(outputs)
         self.network.train()
-        return per_patch
+        return lesions, grades
 
     def _fit_verdict(self, val_patches: np.ndarray, floor: float) -> dict[str, Any]:
         """Calibration, threshold and binary report of the validation faces at one patch floor."""
@@ -369,22 +377,26 @@ class Trainer:
         The patch floor is chosen like the threshold: the one whose worst per-source rate is
         best, then the best macro-F1; ties go to the lowest floor.
         """
-        val_patches = self._patch_lesions(self.val)
+        val_patches, val_grades = self._patch_outputs(self.val)
         fits = [self._fit_verdict(val_patches, floor) for floor in PATCH_LESION_FLOORS]
         fit = max(fits, key=lambda f: (f["binary"]["worst_source_rate"], f["binary"]["macro_f1"]))
         floor, totals, binary = fit["floor"], fit["totals"], fit["binary"]
         graded = np.nonzero((self.grade_train >= 0) & self.severity_faces)[0]
         if calibration_faces > 0:
             graded = np.sort(np.random.default_rng(self.args.seed).permutation(graded)[:calibration_faces])
-        train_patches = self._patch_lesions(self.train, graded)
+        train_patches, train_grades = self._patch_outputs(self.train, graded)
         train_totals = face_totals(np.maximum(train_patches - floor, 0.0), self.train)[graded]
-        slopes, log_slopes, bias = fit_severity(train_totals, self.grade_train[graded], len(self.cfg.classes))
+        slopes, log_slopes, patch_weights, bias = fit_severity(
+            train_totals, face_mean_grades(train_grades, self.train)[graded], self.grade_train[graded],
+            len(self.cfg.classes))
         cfg = replace(self.cfg, acne_slope=fit["slope"], acne_patches_slope=fit["patches_slope"], acne_bias=fit["bias"],
                       verdict_threshold=fit["threshold"], patch_lesion_floor=floor, severity_slopes=tuple(slopes),
-                      severity_log_slopes=tuple(log_slopes), severity_bias=tuple(bias))
+                      severity_log_slopes=tuple(log_slopes), severity_bias=tuple(bias),
+                      severity_patch_weights=tuple(tuple(row) for row in patch_weights))
         has_grade = self.grade_val >= 0
-        predicted = np.array([int(np.argmax(severity_probs(t, slopes, bias, log_slopes))) for t in totals[has_grade]],
-                             np.int64)
+        val_mean_grades = face_mean_grades(val_grades, self.val)
+        predicted = np.array([int(np.argmax(cfg.severity_probs(totals[f], val_mean_grades[f])))
+                              for f in np.nonzero(has_grade)[0]], np.int64)
         severity = classification_report(self.grade_val[has_grade], predicted, cfg.classes)
         true_val = face_totals(np.nan_to_num(self.val.lesions), self.val)
         lesion_known = has_grade | (self.verdict_val == 1)
