@@ -4,8 +4,8 @@
 
 The network learns each patch's lesion count (Poisson loss) from mixed supervision: patches
 of faces with VOC boxes carry their counts, patches of faces labelled ``clear`` count zero
-lesions, and faces with a severity grade also train one grade logit per patch (an auxiliary
-signal). Every epoch is scored on the ``validation`` split of every dataset: the acne
+lesions, and faces with a severity grade also train one grade logit per patch (read by the
+severity curve, never by the verdict). Every epoch is scored on the ``validation`` split of every dataset: the acne
 probability is calibrated there (a logistic in log(1 + lesions), each source weighted
 alike), the per-patch lesion floor and then the verdict threshold are the ones whose worst
 per-source rate is best, and the severity curve (the count, its logarithm and the patches'
@@ -85,7 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "3->very_severe;face->clear'; unmapped labels pass through unchanged")
     p.add_argument("--classes", default=",".join(SEVERITIES), help="severity grades, least to most severe")
     p.add_argument("--count-weight", type=float, default=3.0, help="weight of the lesion-count (Poisson) loss")
-    p.add_argument("--label-weight", type=float, default=0.3, help="weight of the auxiliary grade loss")
+    p.add_argument("--label-weight", type=float, default=0.3, help="weight of the per-patch grade loss (the grade outputs feed the severity)")
     p.add_argument("--calibration-faces", type=int, default=300,
                    help="graded train faces the per-epoch severity fit uses (0 = all); the kept epoch is refitted on all")
     p.add_argument("--severity-datasets", nargs="+", default=None, metavar="NAME",
