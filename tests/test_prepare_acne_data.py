@@ -46,6 +46,9 @@ def shared(tmp_path: Path) -> Path:
         _photo(data / "skin" / "pratheepan" / "images" / f"p{i}.jpg", 200 + i)
     for folder in ("fasseg_frontal", "fasseg_multipose"):
         _photo(data / "skin" / folder / "images" / "f.bmp.png", 300)
+    # CelebAMask-HQ re-publishes some CelebA-HQ photos, at half their size and under another name.
+    _photo(data / "skin" / "celebamask" / "images" / "a1b2.jpg", 102, size=(100, 80))
+    _photo(data / "skin" / "celebamask" / "images" / "c3d4.jpg", 500, size=(100, 80))
     _photo(data / "ffhq" / "15723.jpg", 400)
     return data
 
@@ -65,7 +68,7 @@ def test_every_source_is_laid_out_at_its_scales_with_labels_and_scaled_boxes(
     commands = capsys.readouterr().out.strip().splitlines()
     folders = sorted(p.name for p in out.iterdir())
     expected = sorted([f"{s}@{scale:g}" for s, scales in SCALES.items() for scale in scales]
-                      + ["fasseg_frontal@1", "fasseg_multipose@1", "ffhq@1"])
+                      + ["fasseg_frontal@1", "fasseg_multipose@1", "celebamask@1", "ffhq@1"])
     assert folders == expected and len(commands) == len(expected)
     assert all(c.startswith("python -m pipelines.build_dataset") and "--voc-annotations" in c for c in commands)
     # ACNE04 keeps its own split and grades become names; the boxes shrink with the photo.
@@ -79,6 +82,8 @@ def test_every_source_is_laid_out_at_its_scales_with_labels_and_scaled_boxes(
     assert voc_boxes(clear.with_suffix(".xml")) == ()
     assert [p.name for p in (out / "ffhq@1").iterdir()] == ["eval"]
     assert "--split test" in next(c for c in commands if "ffhq@1" in c)
+    # A held-out photo that repeats a training photo is left out, so no held-out score sees it.
+    assert sorted(p.name for p in (out / "celebamask@1" / "eval").glob("*.jpg")) == ["c3d4.jpg"]
     # Copies of one deteksi photo never straddle train and validation.
     splits = {p.stem: p.parent.name for p in (out / "deteksi@1").glob("*/*.jpg")}
     assert splits["train__1"] == splits["train__1-seg"] == splits["test__copy-seg"]

@@ -14,7 +14,8 @@ sources keep their boxes, and a clear face gets an empty one, so its patches car
 ``lesion_count`` 0. Splits group what would leak: ACNE04 keeps its own train/valid split (no
 ``source_id`` is shared); a deteksi ``-seg`` file joins its original, and near-duplicate
 photos (equal 16×16 thumbnails) share one group; CelebA-HQ and Pratheepan photos split by a
-hash of the id. The FASSEG portraits and the FFHQ photo are never trained on.
+hash of the id. The FASSEG portraits, the CelebAMask-HQ faces and the FFHQ photo are never
+trained on; a held-out photo that repeats a CelebA-HQ one is left out.
 The printed build_dataset commands turn every folder into a patch dataset.
 """
 from __future__ import annotations
@@ -39,9 +40,10 @@ log = logging.getLogger(__name__)
 # Shrink factors per source: ACNE04 close-ups down to FFHQ's lesion size, and clear faces down
 # to the same face sizes, so that scale alone never tells acne from clear.
 SCALES = {"acne04": (1.0, 0.5, 0.3), "deteksi": (1.0, 0.6), "celebahq": (1.0, 0.5, 0.35), "pratheepan": (1.0, 0.5)}
-# Clear-skin sources never trained on, scored only by models.classifier.evaluate: lab portraits and FFHQ.
+# Clear-skin sources never trained on, scored only by models.classifier.evaluate: lab portraits,
+# celebrity faces at 512² framed like FFHQ, and FFHQ.
 HELD_OUT_CLEAR = {"fasseg_frontal": "skin/fasseg_frontal/images", "fasseg_multipose": "skin/fasseg_multipose/images",
-                  "ffhq": "ffhq"}
+                  "celebamask": "skin/celebamask/images", "ffhq": "ffhq"}
 # build_dataset's --min-face-skin per source (default 0.15 elsewhere): Pratheepan's family and
 # group photos hold faces that cover a few percent of the frame, which score still judges (0.02).
 MIN_FACE_SKIN = {"pratheepan": 0.02}
@@ -146,7 +148,13 @@ def pratheepan(data: Path) -> Iterator[Photo]:
 
 
 def held_out(data: Path, source: str) -> Iterator[Photo]:
+    """The source's photos, less those that repeat a trained CelebA-HQ photo (CelebAMask-HQ holds
+    19 of them): a held-out score must never see a training face."""
+    trained = np.stack([_thumbnail(p) for p in _images(data / "faces" / "celebahq")])
     for path in _images(data / HELD_OUT_CLEAR[source]):
+        if np.abs(trained - _thumbnail(path)).mean(axis=(1, 2)).min() < _DUPLICATE_THUMB_DIFF:
+            log.info("leaving out %s: the same photo as a CelebA-HQ face", path)
+            continue
         yield Photo(path, CLEAR, "eval")
 
 
