@@ -230,6 +230,18 @@ def test_the_severity_curve_reads_the_patches_grade_outputs_where_counts_overlap
                     for t, g in zip(totals, grades)]) < 0.7
 
 
+def test_the_severity_curve_names_the_common_grade_where_a_rare_one_looks_the_same() -> None:
+    # ACNE04's grades are far from equal in number. Where a few moderate faces share their counts
+    # with many mild ones, calling them all moderate would be wrong more often than right.
+    rng = np.random.default_rng(0)
+    grades = np.repeat([0, 1], [300, 30])
+    totals = np.concatenate([rng.uniform(0, 10, 300), rng.uniform(5, 10, 30)])
+    uninformative = np.full((330, 4), 0.25)
+    cfg = _fitted_severity(totals, uninformative, grades)
+    predicted = np.array([int(np.argmax(cfg.severity_probs(t, g))) for t, g in zip(totals, uninformative)])
+    assert (predicted == grades).mean() >= 0.9
+
+
 def _fitted_severity(totals: np.ndarray, mean_grades: np.ndarray, grades: np.ndarray) -> ClassifierConfig:
     slopes, log_slopes, patch_weights, bias = fit_severity(totals, mean_grades, grades, 4)
     assert len(slopes) == len(log_slopes) == len(bias) == len(patch_weights) == 4

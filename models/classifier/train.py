@@ -112,21 +112,20 @@ def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def fit_severity(totals: np.ndarray, mean_grades: np.ndarray, y: np.ndarray,
                  n_classes: int) -> tuple[list[float], list[float], list[list[float]], list[float]]:
     """Multinomial logistic regression of the grade on total lesions, log(1 + total) and the log of
-    the face's mean patch grade probabilities (faces, grades), grades weighted alike:
-    (slopes, log_slopes, patch_weights, bias); ``patch_weights`` has one row per grade.
+    the face's mean patch grade probabilities (faces, grades): (slopes, log_slopes, patch_weights,
+    bias); ``patch_weights`` has one row per grade.
 
     Hayashi's bands are counts, but the counter's error grows with the count; the log term lets
     the curve be steep among few lesions and flat among many. The patches' own grade outputs
-    carry what a count loses: how large and how inflamed the lesions are.
+    carry what a count loses: how large and how inflamed the lesions are. Faces count alike, so
+    the curve keeps the grades' own frequencies: weighting the rare grades up cost ACNE04
+    validation 0.018 of accuracy and 0.018 of macro-F1 at native scale.
     """
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    class_weight = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
     scale = max(float(np.median(totals)), 1.0)
     x = torch.tensor(totals / scale, dtype=torch.float64)
     logx = torch.log1p(torch.tensor(np.maximum(totals, 0.0), dtype=torch.float64))
     log_grades = torch.tensor(np.log(np.maximum(mean_grades, GRADE_PROBABILITY_FLOOR)), dtype=torch.float64)
     target = torch.tensor(y)
-    w = torch.tensor(class_weight[y], dtype=torch.float64)
     a, c, b = (torch.zeros(n_classes, dtype=torch.float64, requires_grad=True) for _ in range(3))
     m = torch.zeros(n_classes, n_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([a, c, m, b], lr=1, max_iter=500, line_search_fn="strong_wolfe")
@@ -134,7 +133,7 @@ def fit_severity(totals: np.ndarray, mean_grades: np.ndarray, y: np.ndarray,
     def closure() -> torch.Tensor:
         opt.zero_grad()
         logits = x[:, None] * a[None] + logx[:, None] * c[None] + log_grades @ m.T + b[None]
-        loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum()
+        loss = F.cross_entropy(logits, target)
         loss = loss + 1e-4 * ((a**2).sum() + (c**2).sum() + (m**2).sum())
         loss.backward()
         return loss
