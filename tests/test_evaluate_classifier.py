@@ -10,6 +10,7 @@ import pytest
 from models import defaults
 from models.classifier import SEVERITIES, Classifier
 from models.classifier.evaluate import main as evaluate
+from models.classifier.metrics import wilson_interval
 from models.classifier.train import main as train
 from tests.classifier_data import write_patch_dataset
 
@@ -69,7 +70,10 @@ def test_reports_the_verdict_pooled_per_source_and_per_dataset(
     for source, truth in (("celeb", "clear"), ("acne04", "acne")):
         mine = [f for f in faces if f["source"] == source]
         assert all(f["true_verdict"] == truth for f in mine)
-        assert binary["by_source"][source][truth]["rate"] == pytest.approx(np.mean([f["verdict"] == "acne" for f in mine]))
+        group = binary["by_source"][source][truth]
+        assert group["rate"] == pytest.approx(np.mean([f["verdict"] == "acne" for f in mine]))
+        assert group["called_acne"] == sum(f["verdict"] == "acne" for f in mine)
+        assert group["interval_95"][0] <= group["rate"] <= group["interval_95"][1]
     for f in faces:
         assert f["verdict"] in ("clear", "acne") and (f["severity"] is None) == (f["verdict"] == "clear")
         assert (f["verdict"] == "acne") == (f["acne_probability"] >= binary["threshold"] - 1e-6)
@@ -143,3 +147,13 @@ def test_default_checkpoint_judges_a_dataset_without_being_named(tmp_path: Path)
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["checkpoint_sha256"] == Classifier.load(defaults.CLASSIFIER).sha256
     assert result["binary"]["faces"] == 4 and result["severity"]["faces"] == 2
+
+
+@pytest.mark.parametrize("hits, n, low, high", [
+    (0, 10, 0.0, 0.2775),     # no false alarm in 10 faces still allows a rate over a quarter
+    (5, 10, 0.2366, 0.7634),
+    (2, 28, 0.0198, 0.2265),  # a small clear source two false alarms off the 5 % target
+    (45, 781, 0.0433, 0.0762),
+])
+def test_a_rate_per_source_comes_with_its_95_percent_wilson_interval(hits: int, n: int, low: float, high: float) -> None:
+    assert wilson_interval(hits, n) == pytest.approx((low, high), abs=1e-4)

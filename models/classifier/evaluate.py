@@ -8,7 +8,8 @@ Every face's patches go through ``Classifier.predict_patches`` and ``Classifier.
 
 * the binary task, clear vs acne: macro-F1, ROC AUC and the confusion matrix, pooled; then
   the rate per source (TPR on each acne source, FPR on each clear source) and per dataset
-  (a source at one scale), because a pooled figure can hide a model that recognises sources;
+  (a source at one scale), because a pooled figure can hide a model that recognises sources,
+  each with its 95 % Wilson interval, because some sources hold only a few dozen faces;
 * severity on the faces that carry a grade (ACNE04): accuracy, macro-F1, per grade.
 
 ``--plots`` writes verdict_confusion_matrix.png, severity_confusion_matrix.png, roc.png and
@@ -244,12 +245,13 @@ def summary(result: dict[str, Any]) -> str:
         f"clear vs acne: macro-F1 {b['macro_f1']:.4f}  ROC AUC {b['roc_auc']:.4f}  accuracy {b['accuracy']:.4f}",
         "confusion matrix (rows true, columns predicted): " + " ".join(b["classes"]),
         *("  " + " ".join(f"{v:5d}" for v in row) for row in b["confusion_matrix"]),
-        f"{'source / dataset':<26}{'truth':<8}{'faces':>6}  rate",
+        f"{'source / dataset':<26}{'truth':<8}{'faces':>6}  rate       (95 % interval)",
     ]
     for key in ("by_source", "by_dataset"):
         for name, groups in b[key].items():
             for truth, g in groups.items():
-                lines.append(f"{name:<26}{truth:<8}{g['faces']:>6}  {g['rate_name']} {g['rate']:.3f}")
+                low, high = g["interval_95"]
+                lines.append(f"{name:<26}{truth:<8}{g['faces']:>6}  {g['rate_name']} {g['rate']:.3f}  ({low:.3f}-{high:.3f})")
     if "severity" in result:
         s = result["severity"]
         lines += [f"severity on {s['faces']} graded faces: accuracy {s['accuracy']:.4f}  macro-F1 {s['macro_f1']:.4f}",
