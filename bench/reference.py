@@ -92,9 +92,9 @@ def classify(model: Classifier, patches: Sequence[np.ndarray], batch_size: int,
     outputs = []
     for start in range(0, len(patches), batch_size):
         with clock("resize.classifier"):
-            chunk = torch.from_numpy(np.stack([model.preprocess(p) for p in patches[start : start + batch_size]]))
-        with clock("inference.classifier"), torch.inference_mode():
-            outputs.append(model.network(chunk.to(model.device)).float().cpu().numpy())
+            chunk = np.stack([model.preprocess(p) for p in patches[start : start + batch_size]])
+        with clock("inference.classifier"):
+            outputs.append(model.forward_batch(chunk))
     with clock("encode"):
         joined = np.concatenate(outputs)
         return model.lesions_from_outputs(joined), model.grades_from_outputs(joined)

@@ -11,6 +11,7 @@ import torch
 
 from models.checkpoint import CheckpointError
 from models.classifier import SEVERITIES, Classifier, ClassifierConfig, build_network
+from models.classifier.model import BATCH_MULTIPLE
 from models.segmenter import Segmenter, SegmenterConfig
 from models.segmenter import build_network as build_segmenter
 
@@ -47,6 +48,19 @@ def test_lesions_are_predicted_per_patch_for_patches_of_any_size() -> None:
     assert clf.predict_lesions([]).shape == (0,)
     with pytest.raises(ValueError, match="RGB"):
         clf.predict_lesions([np.zeros((32, 32), np.uint8)])
+
+
+def test_batches_of_every_size_run_in_a_few_shapes_and_keep_each_patch_its_own_count() -> None:
+    clf = _classifier()
+    seen: set[int] = set()
+    clf.network.register_forward_pre_hook(lambda _, args: seen.add(args[0].shape[0]))
+    patches = _patches(BATCH_MULTIPLE + 3)
+    one_at_a_time = np.concatenate([clf.predict_lesions([p]) for p in patches])
+    for size in range(1, len(patches) + 1):
+        np.testing.assert_allclose(clf.predict_lesions(patches[:size]), one_at_a_time[:size], rtol=1e-5)
+    # Eleven batch sizes went in; the network saw two shapes (faces of every size share batches,
+    # and a new shape per batch fragments a long-running worker's heap).
+    assert seen == {BATCH_MULTIPLE, 2 * BATCH_MULTIPLE}
 
 
 def test_the_face_counts_the_lesions_of_all_its_patches() -> None:
