@@ -5,7 +5,9 @@ the top of its heaps back as soon as 128 kB are free there. A forward pass alloc
 activations of megabytes each time, so every batch paid page faults again: some 10,000 per
 image, and 10 to 30 % slower convolutions and batch norms in the jobs than in the same calls
 in a plain loop (bench/RESULTS.md). ``keep_freed_memory`` keeps allocations up to 32 MB on the
-heap and freed memory up to 256 MB for reuse; the peak RSS is unchanged.
+heap and freed memory up to 256 MB for reuse; the peak RSS is unchanged. Memory kept for reuse
+is reused only by batches of the same few shapes: batches of a new shape each would fragment
+the heap, so the classifier pads its batches (``models.classifier.model.BATCH_MULTIPLE``).
 
 **Exit.** Tearing down torch and the modules it pulls in takes Python about 2 s at exit (bench/RESULTS.md).
 The multi-process DirectRunner stops its workers one after another and waits for each to exit,
