@@ -181,16 +181,22 @@ def peers_section(result: dict[str, Any]) -> str:
         "workers). Peak RSS per process: the largest "
         "single process; tree: the sampled total of all of them. PSS splits each page shared by k processes "
         "k ways, so a forked loop's children, which share their parent's pages of torch, are compared fairly "
-        "with spawned workers; the tree's PSS is what the run really holds (empty: not sampled). Start-up: the wall time at zero images "
+        "with spawned workers; the tree's PSS is what the run really holds (empty: not sampled). Cores: where the "
+        "machine's cores went during the run, on average: this run's processes / every other process / waiting on I/O "
+        "+ taken by the hypervisor (from /proc/stat; empty: not measured); cores the run left idle while no one else "
+        "was busy were lost to the run itself. Repeats: every repeat's wall time (the median is shown). Start-up: the "
+        "wall time at zero images "
         "on the line through the runs at "
         f"{s.get('startup_images', '-')} images and at N (measured with --peers only); its share is of the wall time at N.\n",
         table(
             ["job", "config", "wall s", "img/s", "vs 1-process loop", f"vs {workers}-process loop", "vs Ray Data",
              "CPU s/img", "peak RSS MB per process", "tree RSS MB", "peak PSS MB per process", "tree PSS MB",
-             "processes", "start-up s", "start-up share", "rows equal"],
+             "processes", "cores: ours / others / waiting", "repeats wall s", "start-up s", "start-up share",
+             "rows equal"],
             [[job, config, r["wall_s"], r["images_per_s"], _x(r["vs_loop"]), _x(r["vs_multi_loop"]), _x(r["vs_ray"]),
               _f(r["cpu_s_per_image"], 3), _f(r["peak_rss_mb"], 0), _f(r["peak_rss_tree_mb"], 0),
               _f(r.get("peak_pss_mb"), 0), _f(r.get("peak_pss_tree_mb"), 0), r["processes"],
+              _cores(r.get("machine_cores")), " / ".join(f"{w:.0f}" for w in r.get("repeats_wall_s") or []) or "-",
               _f(r.get("startup_s"), 1), _pct(r.get("startup_share")),
               {True: "yes", False: "**no**", None: "-"}[r["same_rows_as_loop"]]]
              for job, p in result["peers"].items() for config, r in p["rows"].items()],
@@ -201,6 +207,12 @@ def peers_section(result: dict[str, Any]) -> str:
         for t in result["targets"] if t.get("group") == "peers"
     ]))
     return "\n".join(parts)
+
+
+def _cores(cores: Optional[dict[str, float]]) -> str:
+    if not cores:
+        return "-"
+    return f"{cores['ours']:.2f} / {cores['others']:.2f} / {cores['iowait'] + cores['steal']:.2f}"
 
 
 def _x(value: Optional[float]) -> str:

@@ -164,8 +164,31 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+def machine_ticks() -> dict[str, int]:
+    """The whole machine's CPU time so far, in clock ticks, from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return {"busy": user + nice + system + irq + softirq, "idle": idle, "iowait": iowait, "steal": steal}
+
+
+def machine_cores(before: dict[str, int], after: dict[str, int], wall_s: float, tree_cpu_s: float) -> dict[str, float]:
+    """Where the machine's cores went during a run, in cores on average: this run's process tree,
+    every other process, waiting on I/O, taken by the hypervisor (steal), and idle.
+
+    A run that leaves cores idle with no one else busy is waiting on itself (a straggling worker,
+    a serial step); one whose cores went to others or to steal was slowed by the machine.
+    """
+    tick = os.sysconf("SC_CLK_TCK") * wall_s
+    spent = {key: (after[key] - before[key]) / tick for key in before}
+    ours = tree_cpu_s / wall_s
+    return {"ours": ours, "others": max(0.0, spent["busy"] - ours), "iowait": spent["iowait"],
+            "steal": spent["steal"], "idle": spent["idle"]}
+
+
 def measure(cmd: Sequence[str], log_path: Path) -> dict[str, Any]:
-    """Run ``cmd`` to completion; wall time, CPU time and peak RSS of its whole process tree."""
+    """Run ``cmd`` to completion; wall time, CPU time and peak RSS of its whole process tree, and
+    what the rest of the machine did meanwhile."""
     env = dict(os.environ)
     # Beam's worker pool starts `python` from PATH: it must be this interpreter's venv.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -173,6 +196,7 @@ def measure(cmd: Sequence[str], log_path: Path) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as out:
+        ticks_before = machine_ticks()
         start = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         sampler = TreeSampler(proc.pid)
@@ -180,6 +204,7 @@ def measure(cmd: Sequence[str], log_path: Path) -> dict[str, Any]:
         # wait4's rusage covers the child and every descendant it reaped: the tree's CPU and largest RSS.
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        ticks_after = machine_ticks()
         sampler.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -189,9 +214,10 @@ def measure(cmd: Sequence[str], log_path: Path) -> dict[str, Any]:
     # wait4 misses descendants that were reparented before they were reaped (Ray's workers, when
     # its daemons are killed at shutdown); the samples miss each process's last half second.
     sampled = sum(sampler.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
+    cpu_s = max(usage.ru_utime + usage.ru_stime, sampled)
     return {
         "wall_s": wall,
-        "cpu_s": max(usage.ru_utime + usage.ru_stime, sampled),
+        "cpu_s": cpu_s,
         "cpu_s_wait4": usage.ru_utime + usage.ru_stime,
         "cpu_s_sampled": sampled,
         "peak_rss_mb": usage.ru_maxrss / 1024,
@@ -200,6 +226,7 @@ def measure(cmd: Sequence[str], log_path: Path) -> dict[str, Any]:
         "peak_pss_per_process_mb": sorted((round(kb / 1024, 1) for kb in sampler.pss_kb.values()), reverse=True)[:8],
         "peak_pss_tree_mb": sampler.peak_pss_total_kb / 1024,
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "machine_cores": {k: round(v, 3) for k, v in machine_cores(ticks_before, ticks_after, wall, cpu_s).items()},
     }
 
 
@@ -439,6 +466,8 @@ def peer_summary(job: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]
             "peak_rss_tree_mb": r["peak_rss_tree_mb"], "processes": len(r["peak_rss_per_process_mb"]),
             "peak_pss_mb": max(pss) if pss else None,
             "peak_pss_tree_mb": r.get("peak_pss_tree_mb"), "result_rows": r["result_rows"],
+            "machine_cores": r.get("machine_cores"),  # runs recorded before it was measured have none
+            "repeats_wall_s": r.get("repeats_wall_s"),
         }
         row.update({key: r["images_per_s"] / base["images_per_s"] if base else None for key, base in bases.items()})
         loop = bases["vs_loop"] or bases["vs_multi_loop"]
@@ -579,7 +608,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         load_start = os.getloadavg()
 
         def run_all(inputs: Path, images: int, reverse: bool) -> None:
-            for job in JOBS:
+            for job in args.jobs:
                 # References and pipelines interleaved, and the order reversed between repeats,
                 # so that drifting background load hits every configuration alike.
                 order = []
@@ -598,7 +627,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         for repeat in range(args.repeats):
             run_all(inputs_n, n, repeat % 2 == 1)
         runs = median_runs(bench.runs)
-        jobs = {job: summarise(job, runs, n) for job in JOBS}
+        jobs = {job: summarise(job, runs, n) for job in args.jobs}
         if args.peers:
             if n > PEER_SMALL_N:
                 inputs_small = work / "inputs" / f"n{PEER_SMALL_N}"
@@ -609,12 +638,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         elif not args.quick:
             inputs_2n = work / "inputs" / f"n{2 * n}"
             make_inputs(inputs_2n, 2 * n, args.seed)
-            for job in JOBS:
+            for job in args.jobs:
                 runs.append(bench.reference(job, jobs[job]["best_reference"], inputs_2n, 2 * n))
                 runs.append(bench.pipeline(job, jobs[job]["best_config"], inputs_2n, 2 * n))
-            jobs = {job: summarise(job, runs, n) for job in JOBS}
+            jobs = {job: summarise(job, runs, n) for job in args.jobs}
         levers = {} if args.quick or args.peers else bench.levers(inputs_n)
-        peers = {job: peer_summary(job, runs, n) for job in JOBS}
+        peers = {job: peer_summary(job, runs, n) for job in args.jobs}
         reference_threads = next((r["torch_threads"] for r in runs if r["kind"] == "reference"), None)
         result = {
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -623,7 +652,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "load_average_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
             "settings": {
                 "images": n, "seed": args.seed, "repeats": args.repeats, "quick": args.quick, "peers": args.peers,
-                "multi_only": args.multi_only,
+                "multi_only": args.multi_only, "jobs": args.jobs,
                 "workers": WORKERS, "startup_images": PEER_SMALL_N if args.peers else None, "ray": metadata.version("ray") if with_ray else None,
                 "job_defaults": job_defaults(),
                 "references": {c: REFERENCES[c] for c in references},
@@ -687,6 +716,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                         help=f"With --peers: only the multi-process configurations (the {WORKERS}-process loop, "
                              f"{WORKERS} workers, Ray Data), without the loop and the job in one process, which take "
                              "most of the time at a large N; the targets that need those two are left out.")
+    parser.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS),
+                        help="Which jobs to measure (default: both).")
     parser.add_argument("--repeats", type=int, default=1, help="Repeat the N runs, alternating order; median kept.")
     parser.add_argument("--seed", type=int, default=0, help="Input jitter seed (default: %(default)s).")
     parser.add_argument("--segmenter-checkpoint", default=None, help="Default: the shipped segmenter.")
@@ -708,10 +739,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.rereport:
         result = json.loads(Path(args.rereport).read_text())
         n = result["settings"]["images"]
-        result["jobs"] = {job: summarise(job, result["runs"], n) for job in JOBS}
+        ran = [job for job in JOBS if any(r["job"] == job for r in result["runs"])]
+        result["jobs"] = {job: summarise(job, result["runs"], n) for job in ran}
         # Runs from before the peers existed carry no row digests.
         has_peers = all("result_digest" in r for r in result["runs"])
-        result["peers"] = {job: peer_summary(job, result["runs"], n) for job in JOBS} if has_peers else {}
+        result["peers"] = {job: peer_summary(job, result["runs"], n) for job in ran} if has_peers else {}
         result["targets"] = targets(result["jobs"]) + peer_targets(result["peers"])
     else:
         result = run_bench(args)

@@ -130,6 +130,18 @@ def test_memory_a_forked_child_shares_with_its_parent_is_split_between_them() ->
     assert sampler.peak_total_kb - sampler.peak_pss_total_kb > 150 * 1024
 
 
+BUSY_ONE_CORE = "import time\nend = time.process_time() + 1.5\nwhile time.process_time() < end:\n    pass\n"
+
+
+def test_a_run_says_where_the_machines_cores_went(tmp_path: Path) -> None:
+    run = throughput.measure([sys.executable, "-c", BUSY_ONE_CORE], tmp_path / "busy.log")
+    cores = run["machine_cores"]
+    assert 0.5 < cores["ours"] <= 1.05
+    # Every core of the machine is accounted for: ours, others', waiting, stolen or idle.
+    machine = sum(1 for line in Path("/proc/stat").read_text().splitlines() if line[:3] == "cpu" and line[3].isdigit())
+    assert sum(cores.values()) == pytest.approx(machine, rel=0.1)
+
+
 def _assert_same_work(job: str, runs: list[dict]) -> None:
     assert len({(r["result_rows"], r["result_digest"]) for r in runs}) == 1
     assert len({json.dumps(r["counts"], sort_keys=True) for r in runs}) == 1
