@@ -259,8 +259,9 @@ class Bench:
         self.python = sys.executable
         self.runs: list[dict[str, Any]] = []
 
-    def checkpoint_flags(self, job: str) -> list[str]:
-        flags = ["--segmenter-checkpoint", self.args.segmenter_checkpoint]
+    def job_flags(self, job: str) -> list[str]:
+        """The flags every run of ``job`` shares, whoever runs it: checkpoints and device."""
+        flags = ["--segmenter-checkpoint", self.args.segmenter_checkpoint, "--device", self.args.device]
         return flags + (["--classifier-checkpoint", self.args.classifier_checkpoint] if job == "score" else [])
 
     def _record(self, run: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -284,7 +285,7 @@ class Bench:
         name = f"{job}-{_slug(config)}-{images}"
         out, result = self.work / "out" / name, self.work / "out" / f"{name}.json"
         cmd = [self.python, "-m", "bench.reference", JOBS[job], "--input", str(inputs), "--output", str(out),
-               "--json", str(result), *self.checkpoint_flags(job), *REFERENCES[config]]
+               "--json", str(result), *self.job_flags(job), *REFERENCES[config]]
         run = measure(cmd, self.work / "logs" / f"{name}.log")
         loop = json.loads(result.read_text())
         result.unlink()
@@ -300,7 +301,7 @@ class Bench:
         name = f"{job}-{_slug(config)}-{images}"
         out = self.work / "out" / name
         cmd = [self.python, "-m", f"pipelines.{job}", "--input", str(inputs), "--output", str(out), "--overwrite",
-               *self.checkpoint_flags(job), *CONFIGS[config]]
+               *self.job_flags(job), *CONFIGS[config]]
         run = measure(cmd, self.work / "logs" / f"{name}.log")
         manifest = json.loads((out / "manifest.json").read_text())
         books = manifest["accounting"]
@@ -316,7 +317,7 @@ class Bench:
         name = f"{job}-ray-{images}"
         out, result = self.work / "out" / name, self.work / "out" / f"{name}.json"
         cmd = [self.python, "-m", "bench.ray_peer", JOBS[job], "--input", str(inputs), "--output", str(out),
-               "--json", str(result), "--workers", str(WORKERS), *self.checkpoint_flags(job)]
+               "--json", str(result), "--workers", str(WORKERS), *self.job_flags(job)]
         run = measure(cmd, self.work / "logs" / f"{name}.log")
         peer = json.loads(result.read_text())
         result.unlink()
@@ -652,9 +653,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "load_average_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
             "settings": {
                 "images": n, "seed": args.seed, "repeats": args.repeats, "quick": args.quick, "peers": args.peers,
-                "multi_only": args.multi_only, "jobs": args.jobs,
+                "multi_only": args.multi_only, "jobs": args.jobs, "device": args.device,
                 "workers": WORKERS, "startup_images": PEER_SMALL_N if args.peers else None, "ray": metadata.version("ray") if with_ray else None,
-                "job_defaults": job_defaults(),
+                "job_defaults": job_defaults(args.device),
                 "references": {c: REFERENCES[c] for c in references},
                 "configs": {c: CONFIGS[c] for c in configs},
             },
@@ -672,15 +673,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def job_defaults() -> str:
-    """The jobs' defaults for the flags that matter to speed, as their own parsers and configs settle them."""
-    placeholders = ["--input", "inputs", "--output", "out"]
+def job_defaults(device: str = "cpu") -> str:
+    """The jobs' defaults on ``device`` for the flags that matter to speed, as their own parsers and configs
+    settle them."""
+    placeholders = ["--input", "inputs", "--output", "out", "--device", device]
     configs = [
         config.from_flags(job_parser(job.OPTION_GROUPS, job.PROG, job.DESCRIPTION).parse_args(placeholders))
         for job, config in ((build_dataset, DatasetConfig), (score, ScoreConfig))
     ]
     values = {**asdict(configs[0]), **asdict(configs[1])}
-    flags = ("batch_size", "classifier_batch_size", "patch_format", "png_compression", "torch_threads")
+    flags = ("device", "batch_size", "classifier_batch_size", "patch_format", "png_compression", "torch_threads")
     return ", ".join(f"{flag.replace('_', '-')} {values[flag]}" for flag in flags)
 
 
@@ -722,6 +724,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="Input jitter seed (default: %(default)s).")
     parser.add_argument("--segmenter-checkpoint", default=None, help="Default: the shipped segmenter.")
     parser.add_argument("--classifier-checkpoint", default=None, help="Default: the shipped classifier.")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="Inference device of every job and peer; the batch sizes follow it as in the jobs "
+                             "(default: %(default)s).")
     parser.add_argument("--workdir", default=None, help="Where inputs and outputs go (default: a temporary folder).")
     parser.add_argument("--keep", action="store_true", help="Keep the work folder (inputs, logs) afterwards.")
     parser.add_argument("--rereport", default=None, metavar="JSON",

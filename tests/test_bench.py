@@ -93,7 +93,7 @@ def _peers(tmp_path: Path, checkpoints: tuple[str, str], job: str, configs: list
     """The loop and each of ``configs`` on the same three images, through the harness."""
     inputs = tmp_path / "inputs"
     make_inputs(inputs, 3, seed=2)
-    args = argparse.Namespace(segmenter_checkpoint=checkpoints[0], classifier_checkpoint=checkpoints[1])
+    args = argparse.Namespace(segmenter_checkpoint=checkpoints[0], classifier_checkpoint=checkpoints[1], device="cpu")
     bench = throughput.Bench(args, tmp_path / "work")
     runs = [bench.reference(job, throughput.DEFAULTS_REFERENCE, inputs, 3)]
     for config in configs:
