@@ -11,7 +11,7 @@ import pytest
 
 from models.classifier import SEVERITIES, Classifier, ClassifierConfig
 from models.classifier.data import load_patch_set
-from models.classifier.train import fit_acne_calibration, fit_severity, main
+from models.classifier.train import Trainer, fit_acne_calibration, fit_severity, main, parse_args
 from tests.classifier_data import MIN_PATCH_SKIN, save_untrained_classifier, write_patch_dataset
 
 FAST = ["--arch", "test_byobnet", "--input-size", "24", "--batch-size", "16", "--threads", "1"]
@@ -247,3 +247,33 @@ def _fitted_severity(totals: np.ndarray, mean_grades: np.ndarray, grades: np.nda
     assert len(slopes) == len(log_slopes) == len(bias) == len(patch_weights) == 4
     return ClassifierConfig(severity_slopes=tuple(slopes), severity_log_slopes=tuple(log_slopes), severity_bias=tuple(bias),
                             severity_patch_weights=tuple(tuple(row) for row in patch_weights))
+
+
+def test_hard_clear_patches_are_drawn_more_often_and_the_sources_keep_their_share(mixed: Path, tmp_path: Path) -> None:
+    trainer = Trainer(parse_args([str(mixed), "--output", str(tmp_path / "ckpt"), *FAST, "--hard-clear-share", "0.5"]))
+    clear = trainer.verdict_train[trainer.train.face] == 0
+    counted = np.where(clear, 0.01, 3.0)
+    hardest = np.nonzero(clear)[0][5]
+    counted[hardest] = 2.0
+    uniform, mined = trainer.sampling_weights(), trainer.sampling_weights(counted)
+    assert mined[clear].sum() == pytest.approx(uniform[clear].sum())
+    assert np.allclose(mined[~clear], uniform[~clear])
+    # Half of the clear draws follow the counts: the patch that looked most like acne takes most of them.
+    assert mined[hardest] > 0.5 * uniform[clear].sum() * 2.0 / counted[clear].sum()
+    others = clear & (np.arange(len(clear)) != hardest)
+    assert np.allclose(mined[others], mined[others][0]) and mined[others][0] < uniform[others][0]
+
+
+def test_a_hard_clear_share_outside_zero_to_one_is_refused(mixed: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([str(mixed), "--output", str(tmp_path / "ckpt"), *FAST, "--hard-clear-share", "1.5"])
+    assert "--hard-clear-share is a share of the clear draws, between 0 and 1; got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_training_with_hard_clear_draws_records_the_share(mixed: Path, tmp_path: Path) -> None:
+    metrics = _train([str(mixed)], tmp_path / "ckpt", "--epochs", "2", "--epoch-patches", "128", "--lr", "5e-3",
+                     "--hard-clear-share", "0.5")
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2]
+    assert Classifier.load(str(tmp_path / "ckpt")).cfg.training["args"]["hard_clear_share"] == 0.5

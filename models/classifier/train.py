@@ -76,6 +76,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="patches drawn per epoch, every source equally likely (0 = every patch once)")
     p.add_argument("--source-weight", action="append", default=[], metavar="SOURCE=W",
                    help="draw a source's patches W times as often (repeatable)")
+    p.add_argument("--hard-clear-share", type=float, default=0.0, metavar="S",
+                   help="share of each source's clear-patch draws given to the patches the network last counted "
+                        "the most lesions on (hard negatives: wrinkles, stubble), rescored before every epoch; "
+                        "0 draws clear patches uniformly")
     p.add_argument("--batch-size", type=int, default=64, help="patches per optimisation step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (one-cycle schedule)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -95,7 +99,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="classifier checkpoint to start from (same arch; with --epochs 0 also the same input "
                         "size); tensors whose shape fits are reused")
     cli.add_torch_args(p, threads=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.hard_clear_share <= 1.0:
+        p.error(f"--hard-clear-share is a share of the clear draws, between 0 and 1; got {args.hard_clear_share}")
+    return args
 
 
 def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -250,7 +257,7 @@ class Trainer:
             self._warm_start(args.init)
         self.device = torch.device(args.device)
         self.network.to(self.device)
-        self.sample_p = self._sampling_weights()
+        self.sample_p = self.sampling_weights()
         names = set(args.severity_datasets or self.train.face_datasets)
         unknown = names - set(self.train.face_datasets)
         if unknown:
@@ -269,8 +276,14 @@ class Trainer:
         labels = [None if lab is None else self.mapping.get(lab, lab) for lab in data.face_labels]
         return face_verdicts(labels, self.cfg.classes, self.cfg.verdicts)
 
-    def _sampling_weights(self) -> np.ndarray:
-        """Per-patch draw probabilities: every source alike (times --source-weight), uniform within it."""
+    def sampling_weights(self, clear_lesions: np.ndarray | None = None) -> np.ndarray:
+        """Per-patch draw probabilities: every source alike (times --source-weight), uniform within it.
+
+        Given the lesions last counted on each clear patch, ``--hard-clear-share`` of every
+        source's clear draws go to its clear patches in proportion to those counts: a wrinkle
+        the network mistakes for a papule is rare among clear patches, and uniform draws
+        seldom show it again.
+        """
         weights = {}
         for spec in self.args.source_weight:
             name, sep, value = spec.partition("=")
@@ -284,6 +297,14 @@ class Trainer:
             mine = (sources == s) & usable
             if mine.any():
                 p[mine] = weights.get(s, 1.0) / mine.sum()
+        share = self.args.hard_clear_share
+        if clear_lesions is not None and share > 0:
+            clear = usable & (self.verdict_train[self.train.face] == 0)
+            for s in set(sources[clear].tolist()):
+                mine = clear & (sources == s)
+                hard = np.maximum(clear_lesions[mine], 0.0)
+                if hard.sum() > 0:
+                    p[mine] = p[mine].sum() * ((1.0 - share) / mine.sum() + share * hard / hard.sum())
         return p / p.sum()
 
     def _warm_start(self, uri: str) -> None:
@@ -418,8 +439,11 @@ class Trainer:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps + 1, pct_start=0.15)
         history: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
+        clear_faces = np.nonzero(self.verdict_train == 0)[0]
         for epoch in range(0 if args.epochs == 0 else 1, args.epochs + 1):
             started = time.time()
+            if epoch > 0 and args.hard_clear_share > 0:
+                self.sample_p = self.sampling_weights(self._patch_outputs(self.train, clear_faces)[0])
             loss = self._train_epoch(opt, sched, gen, rng) if epoch > 0 else float("nan")
             train_s = time.time() - started
             ev = self.evaluate(args.calibration_faces)
