@@ -11,7 +11,15 @@ import pytest
 
 from models.classifier import SEVERITIES, Classifier, ClassifierConfig
 from models.classifier.data import load_patch_set
-from models.classifier.train import Trainer, fit_acne_calibration, fit_severity, main, parse_args
+from models.classifier.train import (
+    Trainer,
+    budget_use,
+    choose_threshold,
+    fit_acne_calibration,
+    fit_severity,
+    main,
+    parse_args,
+)
 from tests.classifier_data import MIN_PATCH_SKIN, save_untrained_classifier, write_patch_dataset
 
 FAST = ["--arch", "test_byobnet", "--input-size", "24", "--batch-size", "16", "--threads", "1"]
@@ -277,3 +285,19 @@ def test_training_with_hard_clear_draws_records_the_share(mixed: Path, tmp_path:
                      "--hard-clear-share", "0.5")
     assert [row["epoch"] for row in metrics["history"]] == [1, 2]
     assert Classifier.load(str(tmp_path / "ckpt")).cfg.training["args"]["hard_clear_share"] == 0.5
+
+
+def test_the_threshold_spends_twice_the_allowance_on_misses_as_on_false_alarms() -> None:
+    # Overlapping scores: whatever the threshold, each side makes errors. The targets allow 5 %
+    # false alarms on a clear source and 10 % misses on an acne source, so the chosen threshold
+    # leaves both sources using the same share of their allowance.
+    clear, acne = np.linspace(0.0, 0.6, 1000), np.linspace(0.4, 1.0, 1000)
+    probs = np.concatenate([clear, acne])
+    y = np.repeat([0, 1], 1000)
+    sources = ["portraits"] * 1000 + ["close-ups"] * 1000
+    t = choose_threshold(probs, y, sources)
+    false_alarms, misses = float((clear >= t).mean()), float((acne < t).mean())
+    assert misses == pytest.approx(2 * false_alarms, abs=0.04)  # within a step of the 0.01 grid
+    assert budget_use(probs, y, sources, t)[0] == pytest.approx(max(false_alarms / 0.05, misses / 0.10))
+    # The symmetric rule (equal error rates) would sit at 0.5: this one guards the clear faces more.
+    assert t > 0.5
