@@ -8,11 +8,13 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from models.classifier import SEVERITIES, Classifier, ClassifierConfig
 from models.classifier.data import load_patch_set
 from models.classifier.train import (
     Trainer,
+    augment,
     budget_use,
     choose_threshold,
     fit_acne_calibration,
@@ -272,11 +274,13 @@ def test_hard_clear_patches_are_drawn_more_often_and_the_sources_keep_their_shar
     assert np.allclose(mined[others], mined[others][0]) and mined[others][0] < uniform[others][0]
 
 
-def test_a_hard_clear_share_outside_zero_to_one_is_refused(mixed: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("flag, what", [("--hard-clear-share", "the clear draws"),
+                                        ("--enlarged-share", "the training patches")])
+def test_a_share_outside_zero_to_one_is_refused(flag: str, what: str, mixed: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        main([str(mixed), "--output", str(tmp_path / "ckpt"), *FAST, "--hard-clear-share", "1.5"])
-    assert "--hard-clear-share is a share of the clear draws, between 0 and 1; got 1.5" in capsys.readouterr().err
+        main([str(mixed), "--output", str(tmp_path / "ckpt"), *FAST, flag, "1.5"])
+    assert f"{flag} is a share of {what}, between 0 and 1; got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -301,3 +305,17 @@ def test_the_threshold_spends_twice_the_allowance_on_misses_as_on_false_alarms()
     assert budget_use(probs, y, sources, t)[0] == pytest.approx(max(false_alarms / 0.05, misses / 0.10))
     # The symmetric rule (equal error rates) would sit at 0.5: this one guards the clear faces more.
     assert t > 0.5
+
+
+def test_enlarged_patches_lose_their_fine_detail_and_nothing_else() -> None:
+    # Pixel noise stands in for pores and stubble: an enlarged low-resolution photo has none of it.
+    noise = torch.rand(32, 3, 48, 48, generator=torch.Generator().manual_seed(1)) * 255
+
+    def detail(batch: torch.Tensor) -> float:
+        return float((batch[..., 1:] - batch[..., :-1]).abs().mean())
+
+    sharp = augment(noise, torch.Generator().manual_seed(0))
+    soft = augment(noise, torch.Generator().manual_seed(0), enlarged_share=1.0)
+    assert soft.shape == noise.shape and float(soft.min()) >= 0 and float(soft.max()) <= 255
+    assert detail(soft) < 0.6 * detail(sharp)
+    assert abs(float(soft.mean()) - float(sharp.mean())) < 0.1 * float(sharp.mean())

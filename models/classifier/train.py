@@ -85,6 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="share of each source's clear-patch draws given to the patches the network last counted "
                         "the most lesions on (hard negatives: wrinkles, stubble), rescored before every epoch; "
                         "0 draws clear patches uniformly")
+    p.add_argument("--enlarged-share", type=float, default=0.0, metavar="S",
+                   help="share of training patches shown as an enlarged low-resolution photo looks (shrunk "
+                        "1.5-4x and scaled back up), acne and clear alike")
     p.add_argument("--batch-size", type=int, default=64, help="patches per optimisation step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (one-cycle schedule)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -107,12 +110,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.hard_clear_share <= 1.0:
         p.error(f"--hard-clear-share is a share of the clear draws, between 0 and 1; got {args.hard_clear_share}")
+    if not 0.0 <= args.enlarged_share <= 1.0:
+        p.error(f"--enlarged-share is a share of the training patches, between 0 and 1; got {args.enlarged_share}")
     return args
 
 
-def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Flips, 90° turns and mild brightness/contrast jitter on a float (B,3,S,S) 0..255 batch."""
+def augment(batch: torch.Tensor, gen: torch.Generator, enlarged_share: float = 0.0) -> torch.Tensor:
+    """Flips, 90° turns and mild brightness/contrast jitter on a float (B,3,S,S) 0..255 batch; with
+    ``enlarged_share``, that share of the patches is shrunk by 1.5-4x and enlarged back, as a
+    low-resolution photo scaled up to 1024² looks (lesion counts are kept: a blurred lesion is
+    still one)."""
     b = batch.shape[0]
+    if enlarged_share > 0:
+        picked = torch.rand(b, generator=gen) < enlarged_share
+        if picked.any():
+            size = batch.shape[-1]
+            small = max(8, round(size / (1.5 + 2.5 * float(torch.rand(1, generator=gen)))))
+            soft = F.interpolate(F.interpolate(batch[picked], size=(small, small), mode="area"),
+                                 size=(size, size), mode="bilinear", align_corners=False)
+            batch = batch.clone()
+            batch[picked] = soft
     flip = torch.rand(b, generator=gen) < 0.5
     batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
     batch = torch.rot90(batch, int(torch.randint(4, (1,), generator=gen)), dims=(2, 3))
@@ -359,7 +376,7 @@ class Trainer:
             if len(idx) < 2:
                 continue
             x = torch.from_numpy(data.pixels[idx]).permute(0, 3, 1, 2).float()
-            out = net(((_augment(x, gen) - mean) / std).to(self.device))
+            out = net(((augment(x, gen, args.enlarged_share) - mean) / std).to(self.device))
             loss = torch.zeros((), device=self.device)
             target = torch.from_numpy(self.lesion_target[idx]).float().to(self.device)
             known = ~torch.isnan(target)
