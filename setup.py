@@ -32,9 +32,11 @@ TEST_REQUIRES = [
     "duckdb==2.0.0",
 ]
 
-# bench/ only: the Ray Data peer of bench.throughput (bench.ray_peer). Never a job dependency.
+# bench/ only: the Ray Data peer of bench.throughput (bench.ray_peer), and NVML for its GPU figures
+# (bench.gpu). Never a job dependency.
 BENCH_REQUIRES = [
     "ray[data]==2.60.0",
+    "nvidia-ml-py==13.615.71",
 ]
 
 setup(

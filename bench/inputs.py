@@ -8,7 +8,11 @@ no stage can profit from a repeated image.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -59,23 +63,48 @@ def jitter(pixels: np.ndarray, box: tuple[float, float, float], rng: np.random.G
     return cv2.warpAffine(image, turn, (FFHQ_SIZE, FFHQ_SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
 
 
-def make_inputs(out_dir: Path, count: int, seed: int = 0) -> list[Path]:
-    """Write ``count`` distinct PNGs as ``out_dir/NNNNN/NNNNN.png``; return their paths."""
-    photos = sources()
+def _one(photos: dict[str, np.ndarray], seed: int, index: int) -> np.ndarray:
+    """Input ``index``'s pixels: its own random stream, so any process can make any image."""
     names = sorted(photos)
-    rng = np.random.default_rng(seed)
-    seen: set[str] = set()
-    paths = []
-    index = 0
-    while len(paths) < count:
-        name = names[index % len(names)]
-        image = jitter(photos[name], FACE_BOXES[name], rng)
-        digest = hashlib.sha1(image.tobytes()).hexdigest()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        path = out_dir / f"{index // 1000 * 1000:05d}" / f"{index:05d}.png"
-        write_png(path, image)
-        paths.append(path)
-        index += 1
+    name = names[index % len(names)]
+    return jitter(photos[name], FACE_BOXES[name], np.random.default_rng([seed, index]))
+
+
+def _write_range(photos: dict[str, np.ndarray], seed: int, out_dir: Path, indices: range) -> list[str]:
+    """Write the inputs ``indices``; return their pixels' digests."""
+    digests = []
+    for index in indices:
+        image = _one(photos, seed, index)
+        digests.append(hashlib.sha1(image.tobytes()).hexdigest())
+        write_png(input_path(out_dir, index), image)
+    return digests
+
+
+def input_path(out_dir: Path, index: int) -> Path:
+    return out_dir / f"{index // 1000 * 1000:05d}" / f"{index:05d}.png"
+
+
+def make_inputs(out_dir: Path, count: int, seed: int = 0, workers: int = 1) -> list[Path]:
+    """Write ``count`` distinct PNGs as ``out_dir/NNNNN/NNNNN.png`` in ``workers`` processes; return their paths.
+
+    The same (count, seed, sources) always gives the same files, so a folder that already holds
+    them, as the stamp beside it (``<out_dir>.inputs.json``) says, is reused as it is.
+    """
+    photos = sources()
+    stamp = out_dir.parent / f"{out_dir.name}.inputs.json"
+    wanted = {"count": count, "seed": seed, "sources": sorted(photos)}
+    paths = [input_path(out_dir, i) for i in range(count)]
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and all(p.is_file() for p in paths):
+        log.info("reusing the %d inputs in %s", count, out_dir)
+        return paths
+    size = -(-count // (4 * workers))  # a few chunks per process evens out their finishing times
+    chunks = [range(start, min(start + size, count)) for start in range(0, count, size)]
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            digests = [d for part in pool.map(partial(_write_range, photos, seed, out_dir), chunks) for d in part]
+    else:
+        digests = [d for chunk in chunks for d in _write_range(photos, seed, out_dir, chunk)]
+    if len(set(digests)) != count:
+        raise RuntimeError(f"two of the {count} inputs came out identical (seed {seed}); the jitter is broken")
+    stamp.write_text(json.dumps(wanted) + "\n")
     return paths

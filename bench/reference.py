@@ -12,8 +12,12 @@ so a benchmark compares like with like. ``time.perf_counter`` brackets every sta
 ``--workers K`` is the hand-written multi-process peer: K forked processes, one per core,
 each running the same loop over every K-th input file into its own ``part-0000i`` files.
 
+``decode`` is the CPU decode floor: each file read and decoded exactly as the jobs do, and
+nothing else. No job can outrun it on this host, whatever its accelerator.
+
     python -m bench.reference build --input DIR --output OUT --json result.json [job flags]
     python -m bench.reference score --input DIR --output OUT --json result.json [--workers K] [job flags]
+    python -m bench.reference decode --input DIR --output OUT --json result.json [--workers K]
 """
 from __future__ import annotations
 
@@ -244,14 +248,32 @@ def run_score(args: ScoreConfig, clock: StageClock, shard: tuple[int, int] = (0,
     return loop
 
 
+def run_decode(args: DatasetConfig, clock: StageClock, shard: tuple[int, int] = (0, 1)) -> dict[str, int]:
+    """The decode floor's loop: read and decode every file of the shard, keep nothing; the counts."""
+    counts = {"inputs": 0, KEPT: 0, FILTERED: 0, FAILED: 0, "patches": 0}
+    index, count = shard
+    for path in image_files(args.input)[index::count]:
+        counts["inputs"] += 1
+        with clock("read"):
+            with open(path, "rb") as f:
+                record = ImageRecord(image_id_from_name(path), path, data=f.read())
+        with clock("decode"):
+            decoded = decode_record(record, args.max_pixels, args.patch_size)
+        counts[FAILED if isinstance(decoded, Outcome) else KEPT] += 1
+    return counts
+
+
 def run_shard(job: str, config: JobConfig, shard: tuple[int, int]) -> dict[str, Any]:
     """One process's loop over its shard of the input: counts, per-stage seconds, threads, peak RSS."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     clock = StageClock()
-    loop = (run_build if job == "build" else run_score)(config, clock, shard)
+    if job == "decode":
+        counts = run_decode(config, clock, shard)
+    else:
+        counts = (run_build if job == "build" else run_score)(config, clock, shard).counts
     return {
-        "counts": loop.counts,
+        "counts": counts,
         "detail_s": dict(clock.seconds),
         "torch_threads": torch.get_num_threads(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -283,14 +305,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run one loop (or ``--workers`` of them); print (and optionally write) its timings as JSON."""
     argv = list(sys.argv[1:] if argv is None else argv)
     own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("job", choices=("build", "score"))
+    own.add_argument("job", choices=("build", "score", "decode"))
     own.add_argument("--json", default=None)
     own.add_argument("--workers", type=int, default=1)
     mine, rest = own.parse_known_args(argv)
     # The jobs' own flag groups: same flags, same defaults.
-    groups = build_dataset.OPTION_GROUPS if mine.job == "build" else score.OPTION_GROUPS
+    groups = score.OPTION_GROUPS if mine.job == "score" else build_dataset.OPTION_GROUPS
     flags, _ = parse(rest, groups, f"python -m bench.reference {mine.job}", __doc__)
-    config = DatasetConfig.from_flags(flags) if mine.job == "build" else ScoreConfig.from_flags(flags)
+    config = ScoreConfig.from_flags(flags) if mine.job == "score" else DatasetConfig.from_flags(flags)
     started = time.perf_counter()
     shards = run_shards(mine.job, config, mine.workers)
     seconds = time.perf_counter() - started

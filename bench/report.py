@@ -19,10 +19,12 @@ RESUME_SECTION = "Kill and resume"
 # Written by bench.throughput; with --peers it replaces only this section.
 PEERS_SECTION = "Against the peers: a hand-written multi-process loop and Ray Data"
 
-GPU_NOTES = """\
-## On a GPU (not measured: no GPU on this machine)
+# Written by bench.throughput --peers --device cuda, on a GPU host; kept when a CPU run rewrites the report.
+GPU_SECTION = "On a GPU"
 
-On a GPU the forward passes shrink by one to two orders of magnitude, and what is left on
+GPU_NOTES = """\
+Not measured on this machine (no GPU): `python -m bench.throughput --peers --multi-only --device cuda`
+on a GPU host replaces this section with the measurement. On a GPU the forward passes shrink by one to two orders of magnitude, and what is left on
 the Python critical path is everything else in the per-stage table. To keep the device busy:
 
 - **Decode off the critical path**: PNG decode is the largest non-inference stage. Run it in
@@ -158,7 +160,62 @@ def markdown(result: dict[str, Any]) -> str:
         parts += [f"## {PEERS_SECTION}\n", peers_section(result)]
     if result["levers"]:
         parts.append(_levers(result["levers"], result["runs"]))
-    parts += [GPU_NOTES, HOW_TO_RUN]
+    parts += [f"## {GPU_SECTION}\n", GPU_NOTES, HOW_TO_RUN]
+    return "\n".join(parts)
+
+
+def gpu_section(result: dict[str, Any]) -> str:
+    """The body of the GPU section: each job and its peers against the host's CPU decode floor, with the
+    GPU's utilisation and where each process's time went."""
+    m, s = result["machine"], result["settings"]
+    gpus = [r["gpu"] for p in result["peers"].values() for r in p["rows"].values() if r.get("gpu")]
+    floor = next((p["decode_floor_images_per_s"] for p in result["peers"].values()), None)
+    parts = [
+        f"Generated {result['created_utc']} by `{result['command']}` in {result['total_wall_s'] / 60:.1f} min on "
+        f"**{gpus[0]['gpu'] if gpus else 'no GPU seen by NVML'}**, {m['cpu_model']}, {m['usable_cores']} usable "
+        f"cores, python {m['python']}, torch {m['versions']['torch']}, beam {m['versions']['apache-beam']}. "
+        f"N = {s['images']} images of 1024x1024 PNG, repeats {s['repeats']}, job defaults ({s['job_defaults']}); "
+        f"every multi-process configuration runs {s.get('workers')} processes, one per core, all sharing the one "
+        f"GPU. Ray {s.get('ray') or 'not installed there: no Ray Data peer'}.\n",
+        f"**CPU decode floor: {_f(floor, 0)} images/s** (`bench.reference decode`: each file read and decoded as "
+        "the jobs do, nothing else, over its own run time). vs floor: a configuration's images/s (wall, from "
+        "interpreter start) over the floor's. Start-up: the wall time at zero images on the line through the "
+        f"runs at {s.get('startup_images', '-')} images and at N; once started: the rate along that line, the "
+        "extra images over the extra time, which is what a long job converges to. GPU: NVML's utilisation, the share of each 0.2 s sample in which "
+        "a kernel ran, averaged from the first to the last busy sample (active) and over the whole run; "
+        "idle: the share of active-window samples with nothing running; memory: peak used on the device.\n",
+        table(
+            ["job", "config", "wall s", "img/s", "vs floor", "vs multi-process loop", "start-up s",
+             "img/s once started", "vs floor once started", "CPU s/img",
+             "cores: ours / others / waiting", "GPU util active / whole run", "GPU idle (active)",
+             "GPU memory MB", "peak RSS MB per process", "rows equal"],
+            [[job, config, r["wall_s"], r["images_per_s"], _x(r.get("vs_decode_floor")), _x(r["vs_multi_loop"]),
+              _f(r.get("startup_s"), 1), _f(r.get("marginal_images_per_s"), 1), _x(r.get("marginal_vs_decode_floor")),
+              _f(r["cpu_s_per_image"], 3), _cores(r.get("machine_cores")),
+              f"{r['gpu']['util_mean_active']:.0f} % / {r['gpu']['util_mean']:.0f} %" if r.get("gpu") else "-",
+              _pct(r["gpu"]["idle_share_active"]) if r.get("gpu") else "-",
+              _f(r["gpu"]["memory_peak_mb"], 0) if r.get("gpu") else "-", _f(r["peak_rss_mb"], 0),
+              {True: "yes", False: "**no**", None: "-"}[r["same_rows_as_loop"]]]
+             for job, p in result["peers"].items() for config, r in p["rows"].items()],
+        ),
+    ]
+    stages = [(job, config, r["stages_ms_per_image"]) for job, p in result["peers"].items()
+              for config, r in p["rows"].items() if r.get("stages_ms_per_image")]
+    if stages:
+        names = list(stages[0][2])
+        parts += [
+            "Where each process's time went, per image, in the hand-written loop (`time.perf_counter` around each "
+            "stage, summed over its processes: process time, not wall time). With the forward passes on the GPU, "
+            "`inference` is the wait for the shared device, copies included; everything else is CPU work, which "
+            "sets the pace.\n",
+            table(["job", "config", *names, "total"],
+                  [[job, config, *(_f(ms[n], 1) for n in names), _f(sum(ms.values()), 1)]
+                   for job, config, ms in stages]),
+        ]
+    parts.append(table(["target", "measured", "met"], [
+        [t["target"], _f(t["value"], 3), "yes" if t["met"] else "**no**"]
+        for t in result["targets"] if t.get("group") == "peers"
+    ]))
     return "\n".join(parts)
 
 
@@ -184,17 +241,19 @@ def peers_section(result: dict[str, Any]) -> str:
         "with spawned workers; the tree's PSS is what the run really holds (empty: not sampled). Cores: where the "
         "machine's cores went during the run, on average: this run's processes / every other process / waiting on I/O "
         "+ taken by the hypervisor (from /proc/stat; empty: not measured); cores the run left idle while no one else "
-        "was busy were lost to the run itself. Repeats: every repeat's wall time (the median is shown). Start-up: the "
+        "was busy were lost to the run itself. vs decode floor: images/s over the host's CPU decode floor "
+        "(`bench.reference decode` in as many processes: read and decode only, over its own run time; empty: "
+        "not measured). Repeats: every repeat's wall time (the median is shown). Start-up: the "
         "wall time at zero images "
         "on the line through the runs at "
         f"{s.get('startup_images', '-')} images and at N (measured with --peers only); its share is of the wall time at N.\n",
         table(
             ["job", "config", "wall s", "img/s", "vs 1-process loop", f"vs {workers}-process loop", "vs Ray Data",
-             "CPU s/img", "peak RSS MB per process", "tree RSS MB", "peak PSS MB per process", "tree PSS MB",
+             "vs decode floor", "CPU s/img", "peak RSS MB per process", "tree RSS MB", "peak PSS MB per process", "tree PSS MB",
              "processes", "cores: ours / others / waiting", "repeats wall s", "start-up s", "start-up share",
              "rows equal"],
             [[job, config, r["wall_s"], r["images_per_s"], _x(r["vs_loop"]), _x(r["vs_multi_loop"]), _x(r["vs_ray"]),
-              _f(r["cpu_s_per_image"], 3), _f(r["peak_rss_mb"], 0), _f(r["peak_rss_tree_mb"], 0),
+              _x(r.get("vs_decode_floor")), _f(r["cpu_s_per_image"], 3), _f(r["peak_rss_mb"], 0), _f(r["peak_rss_tree_mb"], 0),
               _f(r.get("peak_pss_mb"), 0), _f(r.get("peak_pss_tree_mb"), 0), r["processes"],
               _cores(r.get("machine_cores")), " / ".join(f"{w:.0f}" for w in r.get("repeats_wall_s") or []) or "-",
               _f(r.get("startup_s"), 1), _pct(r.get("startup_share")),

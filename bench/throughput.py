@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 
 import pyarrow.parquet as pq
 
+from bench.gpu import BOTTLENECK_PERCENT, GpuSampler
 from bench.inputs import REPO, make_inputs
 from models import defaults
 from models.dataset import PATCHES_DIR, SCORES_DIR
@@ -51,9 +52,20 @@ MULTI = ["--direct_num_workers", str(WORKERS), "--direct_running_mode", "multi_p
 TORCH_DEFAULT = ["--torch-threads", "0"]
 # Every configuration produces the same output; only how the work is run differs.
 DEFAULTS_REFERENCE = "reference loop"  # the loop at the jobs' own default settings
-MULTI_LOOP = f"{WORKERS}-process loop"  # the hand-written multi-process peer
-MULTI_CONFIG = f"{WORKERS} workers"
-RAY = f"Ray Data, {WORKERS} actors"  # the other engine's peer (bench.ray_peer), when ray is installed
+
+
+def multi_names(workers: int) -> tuple[str, str, str]:
+    """The multi-process configurations' names at ``workers`` processes, as runs record them: the
+    hand-written loop, the job, and the other engine's peer (bench.ray_peer, when ray is installed)."""
+    return f"{workers}-process loop", f"{workers} workers", f"Ray Data, {workers} actors"
+
+
+MULTI_LOOP, MULTI_CONFIG, RAY = multi_names(WORKERS)
+# With --peers: the host's CPU decode floor (bench.reference decode), which no job on any accelerator can outrun.
+FLOOR_JOB = "decode"
+FLOOR = f"decode floor, {WORKERS} processes"
+# The issue's GPU bar: a job keeps up with this share of the decode floor.
+TARGET_FLOOR_SHARE = 0.70
 REFERENCES: dict[str, list[str]] = {
     DEFAULTS_REFERENCE: [],
     "reference loop, torch default threads": TORCH_DEFAULT,
@@ -199,13 +211,15 @@ def measure(cmd: Sequence[str], log_path: Path) -> dict[str, Any]:
         ticks_before = machine_ticks()
         start = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        sampler = TreeSampler(proc.pid)
+        sampler, gpu = TreeSampler(proc.pid), GpuSampler()
         sampler.start()
+        gpu.start()
         # wait4's rusage covers the child and every descendant it reaped: the tree's CPU and largest RSS.
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         ticks_after = machine_ticks()
         sampler.stop()
+        gpu.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
@@ -227,6 +241,7 @@ def measure(cmd: Sequence[str], log_path: Path) -> dict[str, Any]:
         "peak_pss_tree_mb": sampler.peak_pss_total_kb / 1024,
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "machine_cores": {k: round(v, 3) for k, v in machine_cores(ticks_before, ticks_after, wall, cpu_s).items()},
+        "gpu": gpu.summary(),
     }
 
 
@@ -312,6 +327,25 @@ class Bench:
                     "failed": books["failed"], "patches": manifest["accounting"]["patches"]},
         )
         return self._record(run, out)
+
+    def floor(self, inputs: Path, images: int) -> dict[str, Any]:
+        """The CPU decode floor: ``WORKERS`` processes reading and decoding the inputs, nothing else."""
+        name = f"decode-floor-{images}"
+        out, result = self.work / "out" / name, self.work / "out" / f"{name}.json"
+        cmd = [self.python, "-m", "bench.reference", "decode", "--input", str(inputs), "--output", str(out),
+               "--json", str(result), "--workers", str(WORKERS), *self.job_flags("build_dataset")]
+        run = measure(cmd, self.work / "logs" / f"{name}.log")
+        loop = json.loads(result.read_text())
+        result.unlink()
+        run.update(job=FLOOR_JOB, config=FLOOR, kind="floor", flags=[], images=loop["counts"]["inputs"],
+                   run_seconds=loop["seconds"], counts=loop["counts"], stages_s=loop["stages_s"])
+        run["images_per_s"] = run["images"] / run["wall_s"]
+        run["images_per_s_run"] = run["images"] / run["run_seconds"]
+        run["cpu_s_per_image"] = run["cpu_s"] / run["images"]
+        log.info("decode floor   N=%-4d wall %6.1f s  run %6.1f s  %5.2f img/s (run)", run["images"], run["wall_s"],
+                 run["run_seconds"], run["images_per_s_run"])
+        self.runs.append(run)
+        return run
 
     def ray(self, job: str, inputs: Path, images: int) -> dict[str, Any]:
         name = f"{job}-ray-{images}"
@@ -449,15 +483,20 @@ def targets(jobs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def peer_summary(job: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
+def peer_summary(job: str, runs: list[dict[str, Any]], n: int, workers: int = WORKERS) -> dict[str, Any]:
     """One job against its peers at N: rate, ratios, CPU, memory, start-up, and whether the rows agree.
 
     Ratios are images/s over the peer's images/s. The start-up is where the line through the
     runs at ``PEER_SMALL_N`` and at N meets zero images; its share is of the wall time at N.
+    Against the decode floor, the floor's rate is over its own run time (no interpreter start),
+    which makes the ratio a conservative one. ``workers``: the process count the runs used.
     """
+    multi_loop, _, ray = multi_names(workers)
     at = {r["config"]: r for r in runs if r["job"] == job and r["images"] == n}
+    floor = next((r for r in runs if r["kind"] == "floor" and r["images"] == n), None)
+    floor_rate = floor["images_per_s_run"] if floor else None
     small = {r["config"]: r for r in runs if r["job"] == job and r["images"] == PEER_SMALL_N and n > PEER_SMALL_N}
-    bases = {"vs_loop": at.get(DEFAULTS_REFERENCE), "vs_multi_loop": at.get(MULTI_LOOP), "vs_ray": at.get(RAY)}
+    bases = {"vs_loop": at.get(DEFAULTS_REFERENCE), "vs_multi_loop": at.get(multi_loop), "vs_ray": at.get(ray)}
     rows = {}
     for config, r in at.items():
         pss = r.get("peak_pss_per_process_mb")  # runs recorded before PSS was sampled have none
@@ -469,7 +508,11 @@ def peer_summary(job: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]
             "peak_pss_tree_mb": r.get("peak_pss_tree_mb"), "result_rows": r["result_rows"],
             "machine_cores": r.get("machine_cores"),  # runs recorded before it was measured have none
             "repeats_wall_s": r.get("repeats_wall_s"),
+            "vs_decode_floor": r["images_per_s"] / floor_rate if floor_rate else None,
+            "gpu": r.get("gpu"),
         }
+        if "stages_s" in r:
+            row["stages_ms_per_image"] = {st: 1e3 * r["stages_s"][st] / r["images"] for st in STAGES}
         row.update({key: r["images_per_s"] / base["images_per_s"] if base else None for key, base in bases.items()})
         loop = bases["vs_loop"] or bases["vs_multi_loop"]
         row["same_rows_as_loop"] = r["result_digest"] == loop["result_digest"] if loop else None
@@ -477,8 +520,12 @@ def peer_summary(job: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]
             per_image = (r["wall_s"] - small[config]["wall_s"]) / (n - PEER_SMALL_N)
             row["startup_s"] = small[config]["wall_s"] - PEER_SMALL_N * per_image
             row["startup_share"] = row["startup_s"] / r["wall_s"]
+            # The rate once started: what a long job converges to. A small run slower than N's is noise.
+            row["marginal_images_per_s"] = 1 / per_image if per_image > 0 else None
+            if floor_rate and row["marginal_images_per_s"]:
+                row["marginal_vs_decode_floor"] = row["marginal_images_per_s"] / floor_rate
         rows[config] = row
-    return {"n": n, "rows": rows}
+    return {"n": n, "workers": workers, "rows": rows, "decode_floor_images_per_s": floor_rate}
 
 
 def peer_targets(peers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -486,14 +533,23 @@ def peer_targets(peers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for job, p in peers.items():
         rows = p["rows"]
-        checks = [(MULTI_CONFIG, "vs_multi_loop", MULTI_LOOP, TARGET_PEER_RATIO),
-                  (MULTI_CONFIG, "vs_ray", RAY, TARGET_PEER_RATIO),
+        multi_loop, multi_config, ray = multi_names(p.get("workers", WORKERS))
+        checks = [(multi_config, "vs_multi_loop", multi_loop, TARGET_PEER_RATIO),
+                  (multi_config, "vs_ray", ray, TARGET_PEER_RATIO),
                   ("in-process", "vs_loop", DEFAULTS_REFERENCE, TARGET_IN_PROCESS_RATIO)]
         for config, key, peer, target in checks:
             value = rows.get(config, {}).get(key)
             if value is not None:
                 out.append({"target": f"{job}: {config} >= {target:.2f}x the {peer} (images/s)",
                             "value": value, "met": value >= target})
+        job_row = rows.get(multi_config, {})
+        if job_row.get("gpu"):
+            share, active = job_row["vs_decode_floor"], job_row["gpu"]["util_mean_active"]
+            if share is not None:
+                out.append({"target": f"{job}: {multi_config} on the GPU >= {TARGET_FLOOR_SHARE:.0%} of the CPU "
+                                      "decode floor (images/s)", "value": share, "met": share >= TARGET_FLOOR_SHARE})
+            out.append({"target": f"{job}: the GPU is not the bottleneck (utilisation while active < "
+                                  f"{BOTTLENECK_PERCENT:.0f} %)", "value": active, "met": active < BOTTLENECK_PERCENT})
         pipelines = [r for r in rows.values() if r["kind"] == "pipeline"]
         if pipelines:
             rss = max(r["peak_rss_mb"] for r in pipelines)
@@ -595,7 +651,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         checkpoints = resolve_checkpoints(args, work)
         n = args.images
         inputs_n = work / "inputs" / f"n{n}"
-        make_inputs(inputs_n, n, args.seed)
+        make_inputs(inputs_n, n, args.seed, WORKERS)
         bench = Bench(args, work)
         if args.peers:
             references = [c for c in PEER_REFERENCES if not args.multi_only or c not in SINGLE_PROCESS]
@@ -627,6 +683,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
         for repeat in range(args.repeats):
             run_all(inputs_n, n, repeat % 2 == 1)
+        if args.peers:
+            bench.floor(inputs_n, n)
         runs = median_runs(bench.runs)
         jobs = {job: summarise(job, runs, n) for job in args.jobs}
         if args.peers:
@@ -638,7 +696,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 runs += bench.runs
         elif not args.quick:
             inputs_2n = work / "inputs" / f"n{2 * n}"
-            make_inputs(inputs_2n, 2 * n, args.seed)
+            make_inputs(inputs_2n, 2 * n, args.seed, WORKERS)
             for job in args.jobs:
                 runs.append(bench.reference(job, jobs[job]["best_reference"], inputs_2n, 2 * n))
                 runs.append(bench.pipeline(job, jobs[job]["best_config"], inputs_2n, 2 * n))
@@ -686,6 +744,30 @@ def job_defaults(device: str = "cpu") -> str:
     return ", ".join(f"{flag.replace('_', '-')} {values[flag]}" for flag in flags)
 
 
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of the harness as one: the first's machine and settings, everyone's runs.
+
+    Each file must come from the same N and device; a run measured twice (the decode floor,
+    once per file) keeps its median, as repeats do.
+    """
+    first = results[0]
+    for other in results[1:]:
+        for key in ("images", "device"):
+            if other["settings"].get(key) != first["settings"].get(key):
+                raise ValueError(f"cannot merge runs with different {key}: "
+                                 f"{first['settings'].get(key)} and {other['settings'].get(key)}")
+    if len(results) == 1:
+        return first
+    merged = dict(first, settings=dict(first["settings"]))
+    merged["command"] = " ; ".join(r["command"] for r in results)
+    merged["total_wall_s"] = sum(r["total_wall_s"] for r in results)
+    merged["settings"]["jobs"] = [job for job in JOBS if any(job in r["settings"]["jobs"] for r in results)]
+    runs = [run for r in results for run in r["runs"]]
+    floors = median_runs([run for run in runs if run["kind"] == "floor"])
+    merged["runs"] = [run for run in runs if run["kind"] != "floor"] + floors
+    return merged
+
+
 def median_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One run per (job, config, images): the repeat with the median wall time."""
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
@@ -701,7 +783,9 @@ def median_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    from bench.report import PEERS_SECTION, RESUME_SECTION, markdown, peers_section, replace_section, section_of
+    from bench.report import (
+        GPU_SECTION, PEERS_SECTION, RESUME_SECTION, gpu_section, markdown, peers_section, replace_section, section_of,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="N, images per run (default: %(default)s).")
@@ -729,8 +813,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                              "(default: %(default)s).")
     parser.add_argument("--workdir", default=None, help="Where inputs and outputs go (default: a temporary folder).")
     parser.add_argument("--keep", action="store_true", help="Keep the work folder (inputs, logs) afterwards.")
-    parser.add_argument("--rereport", default=None, metavar="JSON",
-                        help="Run nothing: recompute the summaries and the report from an earlier --json.")
+    parser.add_argument("--rereport", nargs="+", default=None, metavar="JSON",
+                        help="Run nothing: recompute the summaries and the report from earlier --json files "
+                             "(several: their runs merged, e.g. one file per job).")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
@@ -740,15 +825,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         parser.error("--quick and --peers are different selections; choose one")
     if args.multi_only and not args.peers:
         parser.error("--multi-only selects among the peers; use it with --peers")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # force: where apache_beam's import has configured the root logger already, progress would go unseen.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     if args.rereport:
-        result = json.loads(Path(args.rereport).read_text())
+        result = merge_results([json.loads(Path(p).read_text()) for p in args.rereport])
         n = result["settings"]["images"]
         ran = [job for job in JOBS if any(r["job"] == job for r in result["runs"])]
         result["jobs"] = {job: summarise(job, result["runs"], n) for job in ran}
         # Runs from before the peers existed carry no row digests.
-        has_peers = all("result_digest" in r for r in result["runs"])
-        result["peers"] = {job: peer_summary(job, result["runs"], n) for job in ran} if has_peers else {}
+        has_peers = all("result_digest" in r for r in result["runs"] if r["kind"] != "floor")
+        workers = result["settings"].get("workers", WORKERS)
+        result["peers"] = {job: peer_summary(job, result["runs"], n, workers) for job in ran} if has_peers else {}
         result["targets"] = targets(result["jobs"]) + peer_targets(result["peers"])
     else:
         result = run_bench(args)
@@ -758,11 +845,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.markdown != "-":
         path = Path(args.markdown)
         if result["settings"].get("peers") and path.exists():
-            text = replace_section(path.read_text(), PEERS_SECTION, peers_section(result))
+            # A GPU host's peers have their own section: the CPU peers' figures stay as they were.
+            if result["settings"].get("device") == "cuda":
+                text = replace_section(path.read_text(), GPU_SECTION, gpu_section(result))
+            else:
+                text = replace_section(path.read_text(), PEERS_SECTION, peers_section(result))
         else:
-            kept = section_of(path.read_text(), RESUME_SECTION) if path.exists() else None
+            # Sections other commands and hosts wrote survive a CPU run's rewrite.
+            old = path.read_text() if path.exists() else ""
             text = markdown(result)
-            text = replace_section(text, RESUME_SECTION, kept) if kept else text
+            for title in (RESUME_SECTION, GPU_SECTION):
+                kept = section_of(old, title)
+                if kept:
+                    text = replace_section(text, title, kept)
         path.write_text(text)
         log.info("report written to %s", args.markdown)
     for row in result["targets"]:

@@ -182,3 +182,83 @@ def test_multi_only_peers_are_summarised_without_the_single_process_pair() -> No
     names = " ".join(t["target"] for t in found)
     assert "in-process" not in names and "non-inference" not in names
     assert all(isinstance(t["met"], bool) for t in found)
+
+
+def test_decode_floor_decodes_every_input_and_keeps_nothing(tmp_path: Path, checkpoints: tuple[str, str]) -> None:
+    from bench import reference
+
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    make_inputs(inputs, 3, seed=3)
+    (inputs / "00000" / "00099.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = reference.main(["decode", "--input", str(inputs), "--output", str(out), "--workers", "2",
+                             "--segmenter-checkpoint", checkpoints[0]])
+    assert result["counts"] == {"inputs": 4, "kept": 3, "filtered": 0, "failed": 1, "patches": 0}
+    assert result["stages_s"]["decode"] > 0 and result["stages_s"]["inference"] == 0
+    assert not list(out.rglob("*.parquet"))
+
+
+def test_inputs_are_made_once_per_count_and_seed(tmp_path: Path) -> None:
+    first = make_inputs(tmp_path / "n3", 3, seed=4, workers=2)
+    stamps = [p.stat().st_mtime_ns for p in first]
+    assert make_inputs(tmp_path / "n3", 3, seed=4, workers=2) == first
+    assert [p.stat().st_mtime_ns for p in first] == stamps
+    # Another seed rewrites them, the same in one process as in several.
+    again = [cv2.imread(str(p)) for p in make_inputs(tmp_path / "n3", 3, seed=5)]
+    serial = [cv2.imread(str(p)) for p in make_inputs(tmp_path / "other", 3, seed=5, workers=2)]
+    assert all(np.array_equal(a, b) for a, b in zip(again, serial))
+    assert [p.stat().st_mtime_ns for p in first] != stamps
+
+
+def test_gpu_figures_come_from_the_window_in_which_the_gpu_worked() -> None:
+    from bench.gpu import gpu_summary
+
+    # Idle while the workers start, busy with one gap, idle while the last files are written.
+    figures = gpu_summary([0, 1, 60, 100, 2, 80, 0, 0], [500, 900, 2000, 2100, 2100, 2000, 900, 500])
+    assert figures["active_samples"] == 4 and figures["util_mean_active"] == pytest.approx(60.5)
+    assert figures["idle_share_active"] == pytest.approx(0.25)
+    assert figures["util_mean"] == pytest.approx(243 / 8) and figures["util_max"] == 100
+    assert figures["memory_peak_mb"] == 2100
+    assert gpu_summary([0, 0], [10, 10])["util_mean_active"] == 0.0
+
+
+def _as_gpu_run(measured: dict, job: str, workers: int) -> dict:
+    """The committed CPU peer runs of ``job``, relabelled as a GPU host with ``workers`` cores would record them,
+    with a GPU that worked half the time and a decode floor: the report's input, not a measurement."""
+    old, new = throughput.multi_names(measured["settings"]["workers"]), throughput.multi_names(workers)
+    runs = [dict(r, config=new[old.index(r["config"])], gpu={
+        "gpu": "NVIDIA H200", "every_s": 0.2, "samples": 100, "util_mean": 40.0, "util_max": 95.0,
+        "active_samples": 80, "util_mean_active": 50.0, "idle_share_active": 0.1, "memory_peak_mb": 9000.0})
+        for r in measured["runs"] if r["job"] == job and r["kind"] != "ray"]
+    floor = {"job": throughput.FLOOR_JOB, "config": "decode floor", "kind": "floor", "images": 7000,
+             "wall_s": 12.0, "run_seconds": 10.0, "images_per_s": 7000 / 12, "images_per_s_run": 700.0}
+    settings = dict(measured["settings"], device="cuda", workers=workers, jobs=[job], ray=None, repeats=1)
+    return dict(measured, settings=settings, runs=runs + [floor], command=f"python -m bench.throughput --jobs {job}")
+
+
+def test_gpu_host_results_merge_into_their_own_section(tmp_path: Path) -> None:
+    measured = json.loads((throughput.REPO / "bench" / "PEERS.json").read_text())
+    files = []
+    for job in throughput.JOBS:
+        files.append(tmp_path / f"gpu_{job}.json")
+        files[-1].write_text(json.dumps(_as_gpu_run(measured, job, 16)))
+    report = tmp_path / "RESULTS.md"
+    original = (throughput.REPO / "bench" / "RESULTS.md").read_text()
+    report.write_text(original)
+    from bench.report import GPU_SECTION, PEERS_SECTION, section_of
+
+    result = throughput.main(["--rereport", *map(str, files), "--markdown", str(report)])
+    text = report.read_text()
+    assert section_of(text, PEERS_SECTION) == section_of(original, PEERS_SECTION)
+    gpu = section_of(text, GPU_SECTION)
+    assert "NVIDIA H200" in gpu and "16-process loop" in gpu and "16 workers" in gpu and "700 images/s" in gpu
+    for job in throughput.JOBS:
+        row = result["peers"][job]["rows"]["16 workers"]
+        assert row["vs_multi_loop"] > 0 and row["vs_decode_floor"] == pytest.approx(row["images_per_s"] / 700)
+        assert "inference" in result["peers"][job]["rows"]["16-process loop"]["stages_ms_per_image"]
+    names = [t["target"] for t in result["targets"]]
+    assert sum("decode floor" in t for t in names) == 2 and sum("not the bottleneck" in t for t in names) == 2
+    # Files from different N are not one measurement.
+    files[1].write_text(json.dumps(dict(_as_gpu_run(measured, "score", 16),
+                                        settings=dict(measured["settings"], images=480, device="cuda"))))
+    with pytest.raises(ValueError, match="images"):
+        throughput.main(["--rereport", *map(str, files), "--markdown", "-"])
