@@ -6,8 +6,9 @@
 #   N=8000 OUT=/tmp/gpu bash bench/gpu_host.sh
 #
 # DEVICE=cpu runs the same steps on a CPU host (a dry run of the script, at a small N).
-# Each job is measured by its own harness run, so one that fails keeps the other's figures. Back
-# here: python -m bench.throughput --rereport OUT/gpu_build_dataset.json OUT/gpu_score.json
+# Each job is measured by its own harness run, so one that fails keeps the other's figures, and a
+# run cut short leaves the runs it finished in OUT/gpu_<job>.partial.json. Back here:
+#   python -m bench.throughput --rereport OUT/gpu_build_dataset.json OUT/gpu_score.json
 set -uo pipefail
 N=${N:-8000}
 DEVICE=${DEVICE:-cuda}

@@ -171,8 +171,8 @@ def gpu_section(result: dict[str, Any]) -> str:
     gpus = [r["gpu"] for p in result["peers"].values() for r in p["rows"].values() if r.get("gpu")]
     floor = next((p["decode_floor_images_per_s"] for p in result["peers"].values()), None)
     parts = [
-        f"Generated {result['created_utc']} by `{result['command']}` in {result['total_wall_s'] / 60:.1f} min on "
-        f"**{gpus[0]['gpu'] if gpus else 'no GPU seen by NVML'}**, {m['cpu_model']}, {m['usable_cores']} usable "
+        f"Generated {result['created_utc']} by `{result['command']}` in {result['total_wall_s'] / 60:.1f} min"
+        f"{_stopped(result)} on **{gpus[0]['gpu'] if gpus else 'no GPU seen by NVML'}**, {m['cpu_model']}, {m['usable_cores']} usable "
         f"cores, python {m['python']}, torch {m['versions']['torch']}, beam {m['versions']['apache-beam']}. "
         f"N = {s['images']} images of 1024x1024 PNG, repeats {s['repeats']}, job defaults ({s['job_defaults']}); "
         f"every multi-process configuration runs {s.get('workers')} processes, one per core, all sharing the one "
@@ -225,8 +225,8 @@ def peers_section(result: dict[str, Any]) -> str:
     workers = s.get("workers", m["usable_cores"])
     before = result["load_average_start_end"][0]
     parts = [
-        f"Generated {result['created_utc']} by `{result['command']}` in {result['total_wall_s'] / 60:.1f} min; "
-        f"{m['cpu_model']}, {m['usable_cores']} usable cores, 1-minute load average {before:.1f} before the "
+        f"Generated {result['created_utc']} by `{result['command']}` in {result['total_wall_s'] / 60:.1f} min"
+        f"{_stopped(result)}; {m['cpu_model']}, {m['usable_cores']} usable cores, 1-minute load average {before:.1f} before the "
         f"first run. N = {s['images']} images of 1024x1024 PNG, repeats {s['repeats']}, job defaults "
         f"({s['job_defaults']}); the multi-process configurations run {workers} processes, one per core. "
         f"Ray {s.get('ray') or 'not installed: no Ray Data peer'}.\n",
@@ -266,6 +266,10 @@ def peers_section(result: dict[str, Any]) -> str:
         for t in result["targets"] if t.get("group") == "peers"
     ]))
     return "\n".join(parts)
+
+
+def _stopped(result: dict[str, Any]) -> str:
+    return " (stopped before its end: the runs it finished)" if result.get("partial") else ""
 
 
 def _cores(cores: Optional[dict[str, float]]) -> str:

@@ -276,10 +276,26 @@ def result_rows(job: str, out: Path) -> tuple[int, str]:
 class Bench:
     """Runs the measurements of one benchmark and collects their results."""
 
-    def __init__(self, args: argparse.Namespace, work: Path):
+    def __init__(self, args: argparse.Namespace, work: Path, partial: Optional[Path] = None,
+                 header: Optional[dict[str, Any]] = None):
+        """``partial``: where every run so far is saved as it ends, under ``header`` (the result's
+        fields other than runs and summaries), so a benchmark stopped early still leaves what it
+        measured for ``--rereport``."""
         self.args, self.work = args, work
         self.python = sys.executable
         self.runs: list[dict[str, Any]] = []
+        self.partial, self.header = partial, header or {}
+        self._recorded: list[dict[str, Any]] = []
+        self._started = time.perf_counter()
+
+    def _keep(self, run: dict[str, Any]) -> None:
+        self.runs.append(run)
+        self._recorded.append(run)
+        if self.partial:
+            threads = next((r["torch_threads"] for r in self._recorded if r["kind"] == "reference"), None)
+            saved = dict(self.header, machine=machine(threads), runs=median_runs(self._recorded), partial=True,
+                         total_wall_s=time.perf_counter() - self._started)
+            self.partial.write_text(json.dumps(saved, indent=2, default=str) + "\n")
 
     def job_flags(self, job: str) -> list[str]:
         """The flags every run of ``job`` shares, whoever runs it: checkpoints and device."""
@@ -300,7 +316,7 @@ class Bench:
             run["job"], run["config"], run["images"], run["wall_s"], run["run_seconds"], run["images_per_s"],
             run["peak_rss_mb"], run["load_average"],
         )
-        self.runs.append(run)
+        self._keep(run)
         return run
 
     def reference(self, job: str, config: str, inputs: Path, images: int) -> dict[str, Any]:
@@ -351,7 +367,7 @@ class Bench:
         run["cpu_s_per_image"] = run["cpu_s"] / run["images"]
         log.info("decode floor   N=%-4d wall %6.1f s  run %6.1f s  %5.2f img/s (run)", run["images"], run["wall_s"],
                  run["run_seconds"], run["images_per_s_run"])
-        self.runs.append(run)
+        self._keep(run)
         return run
 
     def ray(self, job: str, inputs: Path, images: int) -> dict[str, Any]:
@@ -660,7 +676,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         n = args.images
         inputs_n = work / "inputs" / f"n{n}"
         make_inputs(inputs_n, n, args.seed, WORKERS)
-        bench = Bench(args, work)
         if args.peers:
             references = [c for c in PEER_REFERENCES if not args.multi_only or c not in SINGLE_PROCESS]
             configs = [c for c in PEER_CONFIGS if not args.multi_only or c not in SINGLE_PROCESS]
@@ -671,6 +686,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if not with_ray and not args.quick:
             log.warning("ray is not installed (pip install -e .[bench]): no Ray Data peer in this run")
         load_start = os.getloadavg()
+        header = run_header(args, references, configs, with_ray, checkpoints)
+        bench = Bench(args, work, partial_path(args.json), header)
 
         def run_all(inputs: Path, images: int, reverse: bool) -> None:
             for job in args.jobs:
@@ -713,19 +730,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         peers = {job: peer_summary(job, runs, n) for job in args.jobs}
         reference_threads = next((r["torch_threads"] for r in runs if r["kind"] == "reference"), None)
         result = {
-            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": "python -m bench.throughput " + " ".join(args.argv),
+            **header,
             "machine": machine(reference_threads),
             "load_average_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
-            "settings": {
-                "images": n, "seed": args.seed, "repeats": args.repeats, "quick": args.quick, "peers": args.peers,
-                "multi_only": args.multi_only, "jobs": args.jobs, "device": args.device,
-                "workers": WORKERS, "startup_images": PEER_SMALL_N if args.peers else None, "ray": metadata.version("ray") if with_ray else None,
-                "job_defaults": job_defaults(args.device),
-                "references": {c: REFERENCES[c] for c in references},
-                "configs": {c: CONFIGS[c] for c in configs},
-            },
-            "checkpoints": checkpoints,
             "runs": runs,
             "jobs": jobs,
             "peers": peers,
@@ -737,6 +744,34 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def run_header(args: argparse.Namespace, references: Sequence[str], configs: Sequence[str], with_ray: bool,
+               checkpoints: dict[str, Any]) -> dict[str, Any]:
+    """A result's fields that are known before the first run: when, how, with what settings."""
+    return {
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python -m bench.throughput " + " ".join(args.argv),
+        "load_average_start_end": [round(os.getloadavg()[0], 2), None],
+        "settings": {
+            "images": args.images, "seed": args.seed, "repeats": args.repeats, "quick": args.quick,
+            "peers": args.peers, "multi_only": args.multi_only, "jobs": args.jobs, "device": args.device,
+            "workers": WORKERS, "startup_images": PEER_SMALL_N if args.peers else None,
+            "ray": metadata.version("ray") if with_ray else None,
+            "job_defaults": job_defaults(args.device),
+            "references": {c: REFERENCES[c] for c in references},
+            "configs": {c: CONFIGS[c] for c in configs},
+        },
+        "checkpoints": checkpoints,
+    }
+
+
+def partial_path(json_path: Optional[str]) -> Optional[Path]:
+    """Where a run with ``--json OUT.json`` keeps its runs so far: ``OUT.partial.json``, removed once OUT is written."""
+    if not json_path:
+        return None
+    path = Path(json_path)
+    return path.with_name(f"{path.stem}.partial.json")
 
 
 def job_defaults(device: str = "cpu") -> str:
@@ -769,6 +804,7 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(first, settings=dict(first["settings"]))
     merged["command"] = " ; ".join(r["command"] for r in results)
     merged["total_wall_s"] = sum(r["total_wall_s"] for r in results)
+    merged["partial"] = any(r.get("partial") for r in results)
     merged["settings"]["jobs"] = [job for job in JOBS if any(job in r["settings"]["jobs"] for r in results)]
     runs = [run for r in results for run in r["runs"]]
     floors = median_runs([run for run in runs if run["kind"] == "floor"])
@@ -840,7 +876,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.rereport:
         result = merge_results([json.loads(Path(p).read_text()) for p in args.rereport])
         n = result["settings"]["images"]
-        ran = [job for job in JOBS if any(r["job"] == job for r in result["runs"])]
+        # A partial file may hold a job's loop without its pipeline yet: such a job has no summary.
+        ran = [job for job in JOBS if {"reference", "pipeline"} <= {r["kind"] for r in result["runs"]
+                                                                    if r["job"] == job and r["images"] == n}]
         result["jobs"] = {job: summarise(job, result["runs"], n) for job in ran}
         # Runs from before the peers existed carry no row digests.
         has_peers = all("result_digest" in r for r in result["runs"] if r["kind"] != "floor")
@@ -852,6 +890,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     text = json.dumps(result, indent=2, default=str)
     if args.json:
         Path(args.json).write_text(text + "\n")
+        if not args.rereport:
+            partial_path(args.json).unlink(missing_ok=True)
     if args.markdown != "-":
         path = Path(args.markdown)
         if result["settings"].get("peers") and path.exists():

@@ -87,6 +87,7 @@ def test_quick_run_reports_every_figure(tmp_path: Path, checkpoints: tuple[str, 
     for heading in ("## Machine", "## Targets", "## Runs", "## Per-stage time per image", "## How to run"):
         assert heading in report
     assert not (tmp_path / "work").exists()
+    assert not throughput.partial_path(str(out_json)).exists()  # the whole result replaced the runs-so-far file
 
 
 def _peers(tmp_path: Path, checkpoints: tuple[str, str], job: str, configs: list[str]) -> list[dict]:
@@ -262,3 +263,24 @@ def test_gpu_host_results_merge_into_their_own_section(tmp_path: Path) -> None:
                                         settings=dict(measured["settings"], images=480, device="cuda"))))
     with pytest.raises(ValueError, match="images"):
         throughput.main(["--rereport", *map(str, files), "--markdown", "-"])
+
+
+def test_a_benchmark_stopped_early_leaves_the_runs_it_finished(tmp_path: Path, checkpoints: tuple[str, str]) -> None:
+    inputs = tmp_path / "inputs"
+    make_inputs(inputs, 3, seed=2)
+    args = argparse.Namespace(
+        segmenter_checkpoint=checkpoints[0], classifier_checkpoint=checkpoints[1], device="cpu", images=3, seed=2,
+        repeats=1, quick=False, peers=True, multi_only=False, jobs=["score"], argv=["--peers", "--images", "3"])
+    partial = throughput.partial_path(str(tmp_path / "peers.json"))
+    header = throughput.run_header(args, [throughput.DEFAULTS_REFERENCE], ["in-process"], False, {})
+    bench = throughput.Bench(args, tmp_path / "work", partial, header)
+    bench.reference("score", throughput.DEFAULTS_REFERENCE, inputs, 3)
+    assert [r["config"] for r in json.loads(partial.read_text())["runs"]] == [throughput.DEFAULTS_REFERENCE]
+    bench.pipeline("score", "in-process", inputs, 3)
+    # Stopped here, before the 16-image runs and the report: the partial file is what is left.
+    report = tmp_path / "RESULTS.md"
+    report.write_text((throughput.REPO / "bench" / "RESULTS.md").read_text())
+    result = throughput.main(["--rereport", str(partial), "--markdown", str(report)])
+    assert result["partial"] and set(result["jobs"]) == {"score"}
+    assert result["peers"]["score"]["rows"]["in-process"]["same_rows_as_loop"]
+    assert "stopped before its end" in report.read_text()
