@@ -48,11 +48,14 @@ HOW_TO_RUN = """\
     PYTHONPATH=. .venv/bin/python -m bench.throughput                     # default N, writes bench/RESULTS.md
     PYTHONPATH=. .venv/bin/python -m bench.throughput --images 48 --repeats 3 --json out.json
     PYTHONPATH=. .venv/bin/python -m bench.throughput --images 2 --quick --markdown -   # smoke test
+    PYTHONPATH=. .venv/bin/python -m bench.throughput --peers --multi-only --images 7000  # against the peers
+    N=8000 bash bench/gpu_host.sh                                         # on a GPU host (bench/README.md)
 
 Flags: `--segmenter-checkpoint` / `--classifier-checkpoint` (default: the shipped ones),
 `--workdir DIR --keep` to keep the inputs and each run's log. The reference loops and the
-lever micro-benchmarks also run alone: `python -m bench.reference build|score --input DIR
---output OUT [job flags]`, `python -m bench.levers --input DIR`. Storage and input-format
+lever micro-benchmarks also run alone: `python -m bench.reference build|score|decode --input DIR
+--output OUT [job flags]`, `python -m bench.levers --input DIR`. With `--json OUT.json` the runs
+so far are kept in `OUT.partial.json` until the end; `--rereport` rebuilds a report from either. Storage and input-format
 measurements (bytes fetched per shard, job-graph size, raw TFRecord pixels) are in bench/IO.md.
 """
 
