@@ -81,8 +81,9 @@ def compare(variants: dict[str, Callable[[], Any]], units: dict[str, int], repea
     return {name: 1e3 * statistics.median(s) / units[name] for name, s in samples.items()}
 
 
+@torch.inference_mode()
 def seg_forward(model: Segmenter, batch: torch.Tensor) -> np.ndarray:
-    return model.probs_from_batch(batch)
+    return model.forward_probs(batch).float().numpy()
 
 
 def linear_preprocess(model: Segmenter, image: np.ndarray) -> np.ndarray:

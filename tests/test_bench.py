@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import throughput
+from bench import batching, throughput
 from bench.inputs import make_inputs
 from bench.reference import STAGES, StageClock, segment
 from models.classifier import Classifier, ClassifierConfig
@@ -284,3 +284,19 @@ def test_a_benchmark_stopped_early_leaves_the_runs_it_finished(tmp_path: Path, c
     assert result["partial"] and set(result["jobs"]) == {"score"}
     assert result["peers"]["score"]["rows"]["in-process"]["same_rows_as_loop"]
     assert "stopped before its end" in report.read_text()
+
+
+def test_the_batching_check_compares_every_grouping_with_each_input_alone(
+    tmp_path: Path, checkpoints: tuple[str, str]
+) -> None:
+    out = tmp_path / "batching.json"
+    result = batching.main(["--images", "3", "--patches", "12", "--segmenter-checkpoint", checkpoints[0],
+                            "--classifier-checkpoint", checkpoints[1], "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    # A CPU has no TF32: one setting, where batching moves outputs by float32 rounding at most.
+    assert [k for k in result if k.startswith("tf32 ")] == ["tf32 off"]
+    for model, judged in (("segmenter", "mask_pixels_changed"), ("classifier", "patch_lesions_changed")):
+        for variant in ("fixed passes", "as given"):
+            rows = result["tf32 off"][model][variant]
+            assert set(rows) == {"all at once", "random sizes", "random sizes again"}
+            assert all(row["max_abs_diff"] < 1e-4 and judged in row for row in rows.values())

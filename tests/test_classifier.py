@@ -63,6 +63,18 @@ def test_batches_of_every_size_run_in_a_few_shapes_and_keep_each_patch_its_own_c
     assert seen == {BATCH_MULTIPLE, 2 * BATCH_MULTIPLE}
 
 
+def test_fixed_passes_run_every_batch_at_one_shape_and_keep_each_patch_its_own_count() -> None:
+    clf = _classifier()
+    clf.fixed_rows = 4  # what a GPU does at gpu_rows, so that a patch's count does not follow its batch
+    seen: set[int] = set()
+    clf.network.register_forward_pre_hook(lambda _, args: seen.add(args[0].shape[0]))
+    patches = _patches(11)
+    one_at_a_time = np.concatenate([clf.predict_lesions([p]) for p in patches])
+    for size in (1, 3, 4, 5, 11):
+        np.testing.assert_allclose(clf.predict_lesions(patches[:size], batch_size=size), one_at_a_time[:size], rtol=1e-5)
+    assert seen == {4}
+
+
 def test_the_face_counts_the_lesions_of_all_its_patches() -> None:
     clf = _classifier()
     face = clf.judge(np.array([1.0, 2.0, 0.5, 2.5]))

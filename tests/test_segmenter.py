@@ -41,6 +41,18 @@ def test_round_trip_gives_identical_masks_and_probabilities(tmp_path: Path) -> N
 
 
 
+def test_fixed_passes_give_each_image_the_mask_it_gets_alone() -> None:
+    seg = _fresh()
+    seg.fixed_rows = 2  # what a GPU does at gpu_rows
+    seen: set[int] = set()
+    seg.network.register_forward_pre_hook(lambda _, args: seen.add(args[0].shape[0]))
+    images = _images()
+    alone = [seg.predict_masks([im])[0] for im in images]
+    for a, b in zip(seg.predict_masks(images), alone):
+        np.testing.assert_array_equal(a, b)
+    assert seen == {2}
+
+
 def test_flip_averaging_from_the_config_makes_mirrored_faces_get_mirrored_masks(tmp_path: Path) -> None:
     image = _images()[2]
     plain = _fresh()

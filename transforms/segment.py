@@ -10,10 +10,11 @@ from models.segmenter import Segmenter
 from transforms.inference import CheckpointHandler, RunCheckpoint
 from transforms.records import ImageRecord
 
-# Images per forward pass, by --device. On a CPU larger batches cost more per image: at 256 px
-# the activations of 4+ images overflow the cores' caches (bench/RESULTS.md: batch 8 ~2x slower
-# per image than batch 2). A GPU wants many, to amortise its kernel launches and copies.
-BATCH_SIZES = {"cpu": 2, "cuda": 32}
+# Images per batch, by --device. On a CPU larger batches cost more per image: at 256 px the
+# activations of 4+ images overflow the cores' caches (bench/RESULTS.md: batch 8 ~2x slower
+# per image than batch 2). A GPU wants many, to amortise its kernel launches and copies, and
+# runs every forward pass at its fixed size (``CheckpointedNetwork.gpu_rows``).
+BATCH_SIZES = {"cpu": 2, "cuda": Segmenter.gpu_rows}
 DEFAULT_BATCH_SIZE = BATCH_SIZES["cpu"]
 
 

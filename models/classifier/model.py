@@ -232,7 +232,7 @@ def face_lesion_count(patch_lesions: np.ndarray, floor: float) -> float:
     return float(np.maximum(np.asarray(patch_lesions, np.float64) - floor, 0.0).sum())
 
 
-# Batches run padded to a multiple of this many patches. Faces of every size share batches, so
+# On the CPU, batches run padded to a multiple of this many patches. Faces of every size share batches, so
 # unpadded nearly every batch has a shape of its own, and on the CPU each new shape leaves
 # glibc's heap more fragmented: 400 batches of 1 to 64 patches grew a process by 820 MB of
 # anonymous memory unpadded and by 485 MB padded, at the same CPU time per real patch
@@ -245,6 +245,9 @@ class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, b
     """A loaded classifier: network, config and checkpoint hash, ready for inference."""
 
     cfg: ClassifierConfig
+    # Patches per forward pass on a GPU, and the score job's default batch there.
+    gpu_rows = 512
+    cpu_multiple = BATCH_MULTIPLE
 
     def preprocess(self, patch: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 -> normalised float32 3xSxS at the model's input size."""
@@ -252,9 +255,8 @@ class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, b
             raise ValueError(f"a patch must be an RGB HxWx3 array, got shape {patch.shape}")
         return super().preprocess(patch)
 
-    @torch.inference_mode()
     def forward_patches(self, patches: Sequence[np.ndarray], batch_size: int = 256) -> np.ndarray:
-        """Raw network outputs, shape (N, num_outputs) float32."""
+        """Raw network outputs, shape (N, num_outputs) float32, preprocessing ``batch_size`` patches at a time."""
         if len(patches) == 0:
             return np.zeros((0, self.cfg.num_outputs), np.float32)
         return np.concatenate([
@@ -262,15 +264,10 @@ class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, b
             for start in range(0, len(patches), batch_size)
         ])
 
-    @torch.inference_mode()
     def forward_batch(self, batch: np.ndarray) -> np.ndarray:
         """Raw network outputs (B, num_outputs) float32 for a preprocessed batch (B, 3, S, S),
-        run padded with zero patches to a multiple of ``BATCH_MULTIPLE``."""
-        real = len(batch)
-        pad = -real % BATCH_MULTIPLE
-        if pad:
-            batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
-        return self.network(self.to_device(batch)).float().cpu().numpy()[:real]
+        run in padded passes (``CheckpointedNetwork.run_passes``)."""
+        return self.run_passes(batch, self.network)
 
     def lesions_from_outputs(self, outputs: np.ndarray) -> np.ndarray:
         """Expected lesions per patch (N,) float64 from raw outputs."""

@@ -73,18 +73,23 @@ class Segmenter(CheckpointedNetwork, kind=KIND, config_type=SegmenterConfig, bui
     """A loaded segmenter: network, config and checkpoint hash, ready for inference."""
 
     cfg: SegmenterConfig
+    # Images per forward pass on a GPU, and the job's default batch there.
+    gpu_rows = 32
 
-    def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 images -> one normalised input batch on the model's device."""
-        return self.to_device(np.stack([self.preprocess(im) for im in images]))
+    def batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """RGB uint8 images -> one normalised input batch (N, 3, S, S) float32 on the host."""
+        return np.stack([self.preprocess(im) for im in images])
 
-    @torch.inference_mode()
-    def probs_from_batch(self, batch: torch.Tensor) -> np.ndarray:
+    def probs_from_batch(self, batch: np.ndarray) -> np.ndarray:
         """Skin probabilities for an input batch, shape (N, S, S), float32."""
+        return self.run_passes(batch, self.forward_probs)
+
+    def forward_probs(self, batch: torch.Tensor) -> torch.Tensor:
+        """Skin probabilities (N, S, S) for a batch on the device, as the network computes them."""
         probs = torch.sigmoid(self.network(batch))
         if self.cfg.flip_average:
             probs = (probs + torch.sigmoid(self.network(batch.flip(-1))).flip(-1)) / 2
-        return probs[:, 0].float().cpu().numpy()
+        return probs[:, 0]
 
     def predict_probs(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Skin probabilities at the model's input size, shape (N, S, S), float32."""
