@@ -3,7 +3,7 @@
 ``from_items`` (the input paths) -> ``map_batches`` with a callable class that holds the
 model(s), one actor per core -> ``write_parquet``. The actors do what the reference loop
 and the Beam DoFns do, with the same per-record functions: read, ``assign_split`` (build),
-``decode_record``, ``Segmenter.predict_masks``, ``filter_face``, ``patch_face``, then
+``decode_record`` and ``at_working_resolution`` (score), ``Segmenter.predict_masks``, ``filter_face``, ``patch_face``, then
 ``encode_patches`` (build) or ``Classifier.predict_patches``, ``judge_faces`` and
 ``score_row`` (score). Each batch comes back as one Arrow table whose rows are either a
 result row (a patch or a score) or a faces/ row; the dataset is materialised once and each
@@ -36,7 +36,6 @@ from pipelines import build_dataset, score
 from pipelines.config import DatasetConfig, JobConfig, ScoreConfig
 from pipelines.options import parse
 from transforms.classify import judge_faces, score_row, scored_outcome, unscored_row
-from transforms.decode import decode_record
 from transforms.finish import outcome_row
 from transforms.patches import encode_patches
 from transforms.records import FAILED, FILTERED, KEPT, ImageRecord, Outcome, Step
@@ -44,7 +43,7 @@ from transforms.segment import with_mask
 from transforms.sidefiles import image_id_from_name
 from transforms.split import assign_split
 
-from bench.reference import face_steps, image_files, print_result, run_steps
+from bench.reference import decode_steps, face_steps, image_files, print_result, run_steps
 
 # The column of a batch's table that holds faces/ rows; the other holds the job's result rows.
 FACE = "face"
@@ -58,7 +57,7 @@ class Faces:
             torch.set_num_threads(config.torch_threads)
         self.config = config
         self.segmenter = Segmenter.load(config.segmenter_checkpoint, config.device)
-        self.after_read, self.steps = after_read, face_steps(config)
+        self.after_read, self.decode, self.steps = after_read, decode_steps(config), face_steps(config)
 
     def faces(self, paths: Sequence[str]) -> tuple[list[ImageRecord], list[Outcome]]:
         """The batch's faces with patches, and the Outcomes of the inputs that ended before that."""
@@ -67,7 +66,7 @@ class Faces:
             with open(path, "rb") as f:
                 record = run_steps(ImageRecord(image_id_from_name(path), path, data=f.read()), self.after_read)
             if not isinstance(record, Outcome):
-                record = decode_record(record, self.config.max_pixels, self.config.patch_size)
+                record = run_steps(record, self.decode)
             (ended if isinstance(record, Outcome) else decoded).append(record)
         faces = []
         if decoded:

@@ -1,7 +1,7 @@
 """The floor: each job's work as a plain single-process Python loop, with no Beam.
 
 It is the loop a user could write by hand from the project's own functions: read the
-bytes, ``assign_split`` (build), ``decode_record``, the segmenter's ``preprocess`` / network /
+bytes, ``assign_split`` (build), ``decode_record`` and ``at_working_resolution`` (score), the segmenter's ``preprocess`` / network /
 ``masks_from_probs`` (that is ``predict_masks``, split so each stage can be timed), then the
 jobs' own per-record steps (``filter_face``, ``patch_face``, ``encode_patches``)
 and pyarrow (build_dataset) or the classifier, ``judge_faces``, ``score_row`` and
@@ -51,6 +51,7 @@ from transforms.finish import outcome_row
 from transforms.patches import encode_patches, filter_face, patch_face
 from transforms.plan import input_files, shard_kind
 from transforms.records import FAILED, FILTERED, KEPT, ImageRecord, Outcome, Step
+from transforms.resolution import at_working_resolution
 from transforms.segment import with_mask
 from transforms.sidefiles import image_id_from_name
 from transforms.sink import RowGroupWriter
@@ -118,6 +119,14 @@ def run_steps(record: ImageRecord, steps: Sequence[Step]) -> ImageRecord | Outco
     return result
 
 
+def decode_steps(args: JobConfig) -> tuple[Step, ...]:
+    """The jobs' steps from an image's bytes to its working pixels: decode, then (score with
+    ``--working-resolution auto``) halve the enlarged ones."""
+    decode = partial(decode_record, max_pixels=args.max_pixels, min_size=args.patch_size)
+    halve = isinstance(args, ScoreConfig) and args.working_resolution == "auto"
+    return (decode, at_working_resolution) if halve else (decode,)
+
+
 def face_steps(args: JobConfig) -> tuple[Step, Step]:
     """The jobs' steps after segmentation: drop faces with too little skin, tile the rest."""
     return (
@@ -138,6 +147,7 @@ class Loop:
         self.part = f"part-{shard[0]:05d}.parquet"
         self.segmenter = Segmenter.load(args.segmenter_checkpoint, args.device)
         self.after_read = after_read
+        self.decode = decode_steps(args)
         self.steps = face_steps(args)
         out = Path(args.output)
         self.faces = RowGroupWriter(str(out / FACES_DIR / self.part), OUTCOME_SCHEMA, 256, "zstd")
@@ -163,7 +173,7 @@ class Loop:
                 yield record
                 continue
             with self.clock("decode"):
-                decoded = decode_record(record, self.args.max_pixels, self.args.patch_size)
+                decoded = run_steps(record, self.decode)
             if isinstance(decoded, Outcome):
                 yield decoded
                 continue

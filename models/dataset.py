@@ -124,6 +124,7 @@ SCORE_SCHEMA = _with_hf_features(pa.schema(
         ("reason", pa.string()),
         ("skin_fraction", pa.float32()),
         ("patches_used", pa.int32()),
+        ("working_scale", pa.float32()),
         ("verdict", pa.string()),
         ("acne_probability", pa.float32()),
         ("lesion_count", pa.float32()),

@@ -37,6 +37,7 @@ from transforms.finish import Finish, WriteOutcomes, package_versions
 from transforms.lock import OutputLock, release, take
 from transforms.plan import check_patterns
 from transforms.read import ReadImages
+from transforms.resolution import ShrinkEnlarged
 from transforms.resume import RUN_FLAGS, Families, RunStart, start_run
 from transforms.segment import SegmentSkin, SkinSegmenterHandler
 from transforms.sidefiles import InputError, LabelFiles, load_ffhq_categories, load_labels
@@ -194,12 +195,16 @@ class JobOutputs(NamedTuple):
 
 
 def segmented_faces(
-    p: beam.Pipeline, config: JobConfig, prepared: Prepared, split: Optional[AssignSplit] = None
+    p: beam.Pipeline, config: JobConfig, prepared: Prepared, split: Optional[AssignSplit] = None,
+    shrink_enlarged: bool = False,
 ) -> tuple[beam.PCollection, list[beam.PCollection], beam.PCollection]:
-    """Read -> [Split] -> Decode -> Segment: the segmented records, the failure outcomes so far, the input count.
+    """Read -> [Split] -> Decode -> [ShrinkEnlarged] -> Segment: the segmented records, the failure
+    outcomes so far, the input count.
 
     ``split`` runs right after the read, on the id, path and metadata alone, so that every
     outcome from then on (decode failures and filtered faces included) carries its split.
+    ``shrink_enlarged`` halves enlarged photos before anything looks at them (score's
+    ``--working-resolution auto``).
     """
     records, read_failed, inputs = p | "Read" >> ReadImages(
         config.input, prepared.labels, prepared.ffhq_metadata, config.voc_annotations, prepared.run.done_list,
@@ -210,6 +215,8 @@ def segmented_faces(
         records, split_failed = records | "Split" >> split
         failures.append(split_failed)
     decoded, decode_failed = records | "Decode" >> DecodeImages(config.max_pixels, config.patch_size)
+    if shrink_enlarged:
+        decoded = decoded | "WorkingResolution" >> ShrinkEnlarged()
     handler = SkinSegmenterHandler(config.segmenter_checkpoint, config.device, config.batch_size, config.torch_threads)
     segmented, segment_failed = decoded | "Segment" >> SegmentSkin(handler)
     return segmented, [*failures, decode_failed, segment_failed], inputs

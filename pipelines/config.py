@@ -115,6 +115,7 @@ class ScoreConfig(JobConfig):
     top_patches: int
     patch_table: bool
     verdict_threshold: Optional[float]
+    working_resolution: str
 
     @classmethod
     def from_flags(cls, flags: argparse.Namespace) -> ScoreConfig:

@@ -21,6 +21,7 @@ from models import defaults
 from transforms.decode import DEFAULT_MAX_PIXELS
 from transforms.patches import FORMATS
 from transforms.plan import DEFAULT_MAX_IMAGE_BYTES
+from transforms.resolution import MIN_WORKING_SIDE
 from transforms.classify import BATCH_PATCHES
 from transforms.segment import BATCH_SIZES
 from transforms.split import MODES
@@ -124,7 +125,8 @@ def add_segment_flags(parser: argparse.ArgumentParser) -> None:
                    help="Folder (or URL) with weights.safetensors and config.json (default: the shipped model).")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Inference device (default: cpu).")
     g.add_argument("--batch-size", type=_positive, default=None, metavar="N",
-                   help="Images per inference batch, across images (default: " + _by_device(BATCH_SIZES) + ").")
+                   help="Images per inference batch, across images (default: " + _by_device(BATCH_SIZES) + "). On cuda "
+                        "every forward pass runs 32 images, padded, so that results do not depend on batching.")
     g.add_argument("--torch-threads", type=int, default=1, metavar="N",
                    help="torch intra-op threads per worker process (default: %(default)s, because runners start "
                         "one worker process per core; raise it for a single process on many cores; 0 keeps "
@@ -192,7 +194,14 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--classifier-checkpoint", default=defaults.CLASSIFIER, metavar="URI",
                    help="Folder (or URL) with the classifier's weights.safetensors and config.json.")
     g.add_argument("--classifier-batch-size", type=_positive, default=None, metavar="N",
-                   help="Patches per classifier batch, across images (default: " + _by_device(BATCH_PATCHES) + ").")
+                   help="Patches per classifier batch, across images (default: " + _by_device(BATCH_PATCHES) + "). On "
+                        "cuda every forward pass runs 512 patches, padded, so that results do not depend on batching.")
+    g.add_argument("--working-resolution", choices=("auto", "native"), default="auto",
+                   help="auto (default): halve a photo whose detail shows it was enlarged (3x or more reliably, "
+                        "about half of 2x enlargements; many 1024x1024 faces were), down to "
+                        f"{MIN_WORKING_SIDE} px on its long side, before segmenting "
+                        "and scoring it; the classifier never saw an enlarged photo and reads its soft blotches "
+                        "as lesions. Top patches stay in the source's pixels. native: every photo at its size.")
     g.add_argument("--top-patches", type=int, default=3, metavar="N",
                    help="How many of the most suspicious patches to report per image (default: %(default)s).")
     g.add_argument("--patch-table", action="store_true",

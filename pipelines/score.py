@@ -1,7 +1,8 @@
 """score: bulk acne scoring of image archives.
 
-Read -> Decode -> Segment -> FilterFaces -> CutPatches -> Classify -> Write: the same stages as
-build_dataset up to the patches, then the classifier counts the lesions on every patch
+Read -> Decode -> WorkingResolution -> Segment -> FilterFaces -> CutPatches -> Classify -> Write:
+the same stages as build_dataset up to the patches (with photos that were enlarged halved first,
+``--working-resolution``), then the classifier counts the lesions on every patch
 (batched across images) and judges each face from its total: clear or acne, the acne
 probability, the lesion count and, for acne, the severity grade. Given a build_dataset output as its one --input, it
 scores that dataset's patches instead (ReadPatchDataset -> Classify -> Write). Every input
@@ -73,7 +74,9 @@ def build(
         patched, read_failed, inputs = p | "ReadPatchDataset" >> ReadPatchDataset(config.input[0], prepared.run.done_list)
         failures, skinless_parts = [read_failed], []
     else:
-        segmented, failures, inputs = segmented_faces(p, config, prepared)
+        segmented, failures, inputs = segmented_faces(
+            p, config, prepared, shrink_enlarged=config.working_resolution == "auto"
+        )
         faces, low_skin = segmented | "FilterFaces" >> FilterFaces(config.min_face_skin)
         patched, no_patch = faces | "CutPatches" >> CutPatches(
             config.patch_size, config.stride, config.min_patch_skin, config.blackout_background

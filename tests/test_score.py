@@ -122,7 +122,28 @@ def test_patch_table_holds_every_scored_patch(sample_scores) -> None:
     assert patches.groupby("image_id").size().to_dict() == scores[scores.status == "scored"].set_index(
         "image_id").patches_used.to_dict()
     assert patches.patch_id.is_unique and (patches.lesions >= 0).all()
-    assert ((patches["size"] == 128) & (patches.skin_fraction >= 0.4)).all()
+    # 128 working pixels, given in the source's pixels: 256 where the photo was halved.
+    scale = patches.image_id.map(scores.set_index("image_id").working_scale)
+    assert ((patches["size"] == (128 / scale).round()) & (patches.skin_fraction >= 0.4)).all()
+
+
+def test_enlarged_photos_are_scored_at_half_size_and_outlined_in_their_own_pixels(
+        sample_scores, sample_dir: Path, untrained_classifier: str, tmp_path: Path) -> None:
+    out, manifest = sample_scores
+    assert manifest["arguments"]["working_resolution"] == "auto"
+    scores = read_table(str(out), SCORES_DIR).to_pandas().set_index("image_id")
+    # The sample's four portraits are 1024x1024 crops enlarged 3-5x from photos of 512-600 px.
+    portraits = scores.loc[["00000", "00001", "00002", "00003"]]
+    assert (portraits.working_scale == 0.5).all()
+    astronaut = portraits.loc["00001"]
+    assert all(p["size"] == 256 and p["x"] + 256 <= 1024 and p["y"] + 256 <= 1024 for p in astronaut.top_patches)
+    native = run(["--input", str(sample_dir / "00000" / "00001.png"), "--output", str(tmp_path / "native"),
+                  "--classifier-checkpoint", untrained_classifier, "--working-resolution", "native"])
+    assert native["arguments"]["working_resolution"] == "native"
+    [row] = read_table(str(tmp_path / "native"), SCORES_DIR).to_pylist()
+    # At its full size the same face spans four times the patches.
+    assert row["working_scale"] == 1.0 and all(p["size"] == 128 for p in row["top_patches"])
+    assert row["patches_used"] > 2 * astronaut.patches_used
 
 
 def test_wrong_classifier_checkpoint_fails_before_any_work(tmp_path: Path, sample_dir: Path,
@@ -332,3 +353,11 @@ def test_resume_scores_only_the_files_added_since_and_matches_a_one_shot_run(
         assert mine == read_table(str(one_shot), table, cols).sort_by(order).to_pylist()
     patch_ids = read_table(str(tmp_path / "scores"), PATCH_SCORES_DIR, ["patch_id"]).column(0).to_pylist()
     assert sorted(patch_ids) == sorted(read_table(str(one_shot), PATCH_SCORES_DIR, ["patch_id"]).column(0).to_pylist())
+
+
+def test_the_shipped_model_calls_both_sample_portraits_clear(sample_score_output: Path) -> None:
+    # Grace Hopper (00000, 00002) and the astronaut (00001, 00003): photos of 512-600 px enlarged
+    # 3-5x, which the classifier read as acne at their enlarged size before --working-resolution.
+    rows = read_table(str(sample_score_output), SCORES_DIR).to_pandas().set_index("image_id")
+    portraits = rows.loc[["00000", "00001", "00002", "00003"]]
+    assert (portraits.verdict == "clear").all() and (portraits.working_scale == 0.5).all(), portraits

@@ -7,7 +7,7 @@ outputs, for severity): verdict, acne probability, lesion count and (for acne) s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -15,11 +15,12 @@ import numpy as np
 from models.classifier import Classifier, FaceScore
 from transforms.inference import CheckpointHandler, RunCheckpoint
 from transforms.patches import patch_id
-from transforms.records import KEPT, ImageRecord, Outcome
+from transforms.records import KEPT, ImageRecord, Outcome, Patch
 
 STAGE = "classify"
-# Patches per forward pass, by --device: a 96 px patch is small, so even a CPU batches 64.
-BATCH_PATCHES = {"cpu": 64, "cuda": 512}
+# Patches per batch, by --device: a 96 px patch is small, so even a CPU batches 64. A GPU runs
+# every forward pass at its fixed size (``CheckpointedNetwork.gpu_rows``).
+BATCH_PATCHES = {"cpu": 64, "cuda": Classifier.gpu_rows}
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ class ClassifyFaces(RunCheckpoint):
         super().__init__("RunClassifier", handler)
 
 
+def in_source(record: ImageRecord, patch: Patch) -> dict[str, int]:
+    """A patch's x, y and size in the source image's pixels (it was cut at ``record.scale``)."""
+    return {k: round(getattr(patch, k) / record.scale) for k in ("x", "y", "size")}
+
+
 def score_row(face: ScoredFace, top_k: int, segmenter_sha: str, classifier_sha: str) -> dict[str, Any]:
     """One ``SCORE_SCHEMA`` row for a scored face."""
     record, patches, answer = face.record, face.record.patches, face.score
@@ -95,14 +101,14 @@ def score_row(face: ScoredFace, top_k: int, segmenter_sha: str, classifier_sha: 
         "reason": "",
         "skin_fraction": record.skin_fraction,
         "patches_used": len(patches),
+        "working_scale": record.scale,
         "verdict": answer.verdict,
         "acne_probability": answer.acne_probability,
         "lesion_count": answer.lesion_count,
         "severity": answer.severity,
         "probabilities": [{"name": k, "probability": p} for k, p in face.probabilities.items()],
         "top_patches": [
-            {"x": patches[i].x, "y": patches[i].y, "size": patches[i].size, "score": float(face.patch_lesions[i])}
-            for i in order
+            {**in_source(record, patches[i]), "score": float(face.patch_lesions[i])} for i in order
         ],
         "label": record.label,
         "segmenter_sha256": segmenter_sha,
@@ -119,6 +125,7 @@ def unscored_row(outcome: Outcome, segmenter_sha: str, classifier_sha: str) -> d
         "reason": outcome.reason,
         "skin_fraction": outcome.skin_fraction,
         "patches_used": 0,
+        "working_scale": None,
         "verdict": None,
         "acne_probability": None,
         "lesion_count": None,
@@ -135,12 +142,11 @@ def patch_rows(face: ScoredFace) -> Iterator[dict[str, Any]]:
     """``PATCH_SCORE_SCHEMA`` rows: one per scored patch."""
     record = face.record
     for patch, lesions in zip(record.patches, face.patch_lesions):
+        box = in_source(record, patch)
         yield {
             "image_id": record.image_id,
-            "patch_id": patch_id(record.image_id, patch),
-            "x": patch.x,
-            "y": patch.y,
-            "size": patch.size,
+            "patch_id": patch_id(record.image_id, replace(patch, **box)),
+            **box,
             "skin_fraction": patch.skin_fraction,
             "lesions": float(lesions),
         }

@@ -98,7 +98,8 @@ def thumbnail(record: ImageRecord, tint_skin: bool) -> tuple[bytes, int, int]:
     A face read back from a patch dataset has no whole image: its patches are laid where they were cut.
     """
     if record.pixels is not None:
-        height, width = record.pixels.shape[:2]
+        # The source's size: the top patches are outlined in its pixels (transforms.resolution).
+        height, width = (round(side / record.scale) for side in record.pixels.shape[:2])
     else:
         height = max(p.y + p.size for p in record.patches)
         width = max(p.x + p.size for p in record.patches)

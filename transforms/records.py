@@ -84,6 +84,9 @@ class ImageRecord:
     split: Optional[str] = None
     patches: Optional[tuple[Patch, ...]] = None
     raw_shape: Optional[tuple[int, ...]] = None
+    # Working pixels per source pixel: below 1 when score halved an enlarged photo
+    # (transforms.resolution). Patches are cut in working pixels.
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
