@@ -198,7 +198,7 @@ def add_score_flags(parser: argparse.ArgumentParser) -> None:
                         "cuda every forward pass runs 512 patches, padded, so that results do not depend on batching.")
     g.add_argument("--working-resolution", choices=("auto", "native"), default="auto",
                    help="auto (default): halve a photo whose detail shows it was enlarged (3x or more reliably, "
-                        "about half of 2x enlargements; many 1024x1024 faces were), down to "
+                        "40-80 %% of 2x enlargements; many 1024x1024 faces were), down to "
                         f"{MIN_WORKING_SIDE} px on its long side, before segmenting "
                         "and scoring it; the classifier never saw an enlarged photo and reads its soft blotches "
                         "as lesions. Top patches stay in the source's pixels. native: every photo at its size.")

@@ -26,7 +26,7 @@ def test_a_sharp_photo_keeps_its_size_and_the_same_photo_enlarged_is_halved(astr
     sharp = np.ascontiguousarray(np.tile(astronaut, (2, 2, 1)))
     assert detail_ratio(sharp) > 1.5 * ENLARGED_BELOW and working_scale(sharp) == 1.0
     # Enlarged 3x, as the run_local.sh portraits are (3-5x). At 2x the ratio sits near the line
-    # (0.21 for this photo), and about half of such photos are caught (MODEL_CARD.md).
+    # (0.21 for this photo), and 40-80 % of such photos are caught (MODEL_CARD.md).
     for interpolation in (cv2.INTER_LINEAR, cv2.INTER_CUBIC):
         enlarged = _enlarged(astronaut, 3, interpolation)
         assert detail_ratio(enlarged) < ENLARGED_BELOW and working_scale(enlarged) == 0.5
