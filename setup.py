@@ -45,7 +45,7 @@ setup(
     description="Apache Beam jobs for facial acne analysis: skin-filtered patch datasets and bulk scoring",
     python_requires=">=3.10",
     packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*", "models", "models.*"]),
-    package_data={"models": ["defaults/*/*.json", "defaults/*/*.safetensors", "defaults/*/*.md"]},
+    package_data={"models": ["defaults/*/*.json", "defaults/*/*.safetensors", "defaults/*/*.md", "defaults/*/severity/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES, "bench": BENCH_REQUIRES},
 )

@@ -121,7 +121,8 @@ class ScoreFaces(Faces):
         if faces:
             patches = [p.pixels for f in faces for p in f.patches]
             lesions, grades = self.classifier.predict_patches(patches, self.config.classifier_batch_size)
-            for scored in judge_faces(self.classifier, faces, lesions, grades, self.config.verdict_threshold):
+            for scored in judge_faces(self.classifier, faces, lesions, grades, self.config.verdict_threshold,
+                                      self.config.classifier_batch_size):
                 rows.append(score_row(scored, self.config.top_patches, *self.shas))
                 outcomes.append(scored_outcome(scored))
         return union("score", SCORE_SCHEMA, rows, outcomes)

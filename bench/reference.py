@@ -228,8 +228,10 @@ def run_score(args: ScoreConfig, clock: StageClock, shard: tuple[int, int] = (0,
     def flush() -> None:
         lesions, grades = classify(classifier, [p.pixels for f in pending for p in f.patches],
                                    args.classifier_batch_size, clock)
-        with clock("encode"):
-            scored_faces = judge_faces(classifier, pending, lesions, grades, args.verdict_threshold)
+        # Judging is arithmetic, but it includes the severity network's pass over the acne faces.
+        with clock("inference"):
+            scored_faces = judge_faces(classifier, pending, lesions, grades, args.verdict_threshold,
+                                       args.classifier_batch_size)
         for scored in scored_faces:
             with clock("encode"):
                 row = score_row(scored, args.top_patches, *shas)

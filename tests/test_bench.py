@@ -300,3 +300,18 @@ def test_the_batching_check_compares_every_grouping_with_each_input_alone(
             rows = result["tf32 off"][model][variant]
             assert set(rows) == {"all at once", "random sizes", "random sizes again"}
             assert all(row["max_abs_diff"] < 1e-4 and judged in row for row in rows.values())
+
+
+def test_the_severity_pass_is_timed_against_the_verdict_network_alone(tmp_path: Path,
+                                                                       checkpoints: tuple[str, str]) -> None:
+    from bench import severity_pass
+    from models.classifier.bundle import bundle
+
+    segmenter, classifier = checkpoints
+    bundle(classifier, classifier, str(tmp_path / "bundle"))
+    result = severity_pass.measure(2, 1, str(tmp_path / "bundle"), segmenter, str(tmp_path / "work"))
+    alone, both = (result["runs"][name][0] for name in ("verdict network alone", "with the severity network"))
+    assert alone["counts"] == both["counts"] and both["counts"]["inputs"] == 2
+    assert result["ratio"] == both["seconds"] / alone["seconds"] > 0
+    with pytest.raises(ValueError, match="has no severity network to measure"):
+        severity_pass.verdict_network_alone(classifier, str(tmp_path / "alone"))

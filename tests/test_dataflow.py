@@ -311,3 +311,6 @@ def test_sdist_contains_the_packages(cpu_build_job: Any) -> None:
         names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
     assert {"pipelines/build_dataset.py", "pipelines/score.py", "transforms/read.py", "models/checkpoint.py",
             "setup.py"} <= names
+    # Workers load the shipped checkpoints from the package, the classifier's severity network too.
+    assert {f"models/defaults/classifier/{sub}{name}" for sub in ("", "severity/")
+            for name in ("config.json", "weights.safetensors")} <= names

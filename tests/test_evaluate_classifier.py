@@ -132,6 +132,27 @@ def test_all_splits_pool_every_face(trained: tuple[list[str], Path], tmp_path: P
     assert default["binary"]["faces"] == (4 + 4) + (4 + 4) + (1 + 2)  # validation and test, never train
 
 
+def test_a_bundled_severity_network_grades_every_graded_face_and_leaves_the_verdicts(
+        trained: tuple[list[str], Path], tmp_path: Path) -> None:
+    from models.classifier.bundle import bundle
+    from tests.classifier_data import save_untrained_classifier
+
+    datasets, ckpt = trained
+    cfg = Classifier.load(str(ckpt)).cfg
+    grader = str(tmp_path / "grader")
+    save_untrained_classifier(grader, input_size=cfg.input_size, patch_size=cfg.patch_size,
+                              min_patch_skin=cfg.min_patch_skin, severity_slopes=(0.0,) * 4,
+                              severity_patch_weights=(), severity_bias=(0.0, 0.0, 0.0, 9.0))
+    bundle(str(ckpt), grader, str(tmp_path / "bundle"))
+    alone = _evaluate(datasets, ckpt, tmp_path / "alone.json", "--split", "test")
+    both = _evaluate(datasets, tmp_path / "bundle", tmp_path / "both.json", "--split", "test")
+    assert both["binary"] == alone["binary"]
+    graded = [f for f in both["faces_detail"] if f["true_severity"] is not None]
+    assert graded and all(f["severity_if_acne"] == "very_severe" for f in graded)
+    assert all(f["severity"] in (None, "very_severe") for f in both["faces_detail"])
+    assert both["severity"]["per_class"]["very_severe"]["recall"] == 1.0
+
+
 def test_a_label_that_is_neither_a_grade_nor_a_verdict_is_refused(trained: tuple[list[str], Path], tmp_path: Path) -> None:
     _, ckpt = trained
     other = write_patch_dataset(tmp_path / "other", {"validation": {"0": 1, "7": 1}}, lesions={"7": (1, 2)})
@@ -147,6 +168,8 @@ def test_default_checkpoint_judges_a_dataset_without_being_named(tmp_path: Path)
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["checkpoint_sha256"] == Classifier.load(defaults.CLASSIFIER).sha256
     assert result["binary"]["faces"] == 4 and result["severity"]["faces"] == 2
+    # The shipped model grades acne faces with its own severity network (MODEL_CARD.md says why).
+    assert Classifier.load(defaults.CLASSIFIER).severity_model is not None
 
 
 @pytest.mark.parametrize("hits, n, low, high", [

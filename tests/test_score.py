@@ -258,6 +258,23 @@ def test_a_verdict_threshold_changes_the_verdicts(
     assert f"verdicts: acne {len(rows)}, no usable skin 0" in capsys.readouterr().out
 
 
+def test_a_bundled_severity_network_grades_the_acne_faces(sample_dataset, untrained_classifier: str,
+                                                          tmp_path: Path) -> None:
+    from models.classifier.bundle import bundle
+    from tests.classifier_data import save_untrained_classifier
+
+    grader = str(tmp_path / "grader")
+    save_untrained_classifier(grader, patch_size=128, min_patch_skin=0.4, severity_slopes=(0.0,) * 4,
+                              severity_patch_weights=(), severity_bias=(0.0, 0.0, 0.0, 9.0))
+    sha = bundle(untrained_classifier, grader, str(tmp_path / "bundle"))
+    dataset, _ = sample_dataset
+    manifest = run(["--input", str(dataset), "--output", str(tmp_path / "scores"),
+                    "--classifier-checkpoint", str(tmp_path / "bundle"), "--verdict-threshold", LAX])
+    rows = read_table(str(tmp_path / "scores"), SCORES_DIR).to_pylist()
+    assert rows and all(r["verdict"] == "acne" and r["severity"] == "very_severe" for r in rows)
+    assert {r["classifier_sha256"] for r in rows} == {sha} == {manifest["checkpoints"]["classifier"]["sha256"]}
+
+
 # Real photographs, judged by the shipped classifier (skipped without ../shared/data).
 
 

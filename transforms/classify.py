@@ -3,7 +3,9 @@
 One element is one face with its patches. A batch holds as many faces as fit in
 ``--classifier-batch-size`` patches, so small faces share a forward pass; the results are
 split back per face, and each face is judged from its patches' expected lesions (and grade
-outputs, for severity): verdict, acne probability, lesion count and (for acne) severity.
+outputs, for severity): verdict, acne probability, lesion count and (for acne) severity. A
+checkpoint with a severity network grades the acne faces with it, in a second pass over
+their patches.
 """
 from __future__ import annotations
 
@@ -34,20 +36,19 @@ class ScoredFace:
 
 
 def judge_faces(model: Classifier, records: Sequence[ImageRecord], lesions: np.ndarray, grades: np.ndarray,
-                threshold: Optional[float] = None) -> list[ScoredFace]:
+                threshold: Optional[float] = None, batch_size: int = BATCH_PATCHES["cpu"]) -> list[ScoredFace]:
     """Split a batch's per-patch expected lesions and grade probabilities (``Classifier.predict_patches``)
-    back per face and judge each face.
+    back per face, judge each face, and grade the acne faces (``Classifier.regrade``).
 
     The one path from patch outputs to face answers, for the job and the benchmark's loop alike.
     """
-    scored, start = [], 0
-    for record in records:
-        end = start + len(record.patches)
-        mine = lesions[start:end]
-        face = model.judge(mine, threshold, grades[start:end])
-        start = end
-        scored.append(ScoredFace(record, mine, face, face.probabilities(model.cfg)))
-    return scored
+    answers, ends = [], np.cumsum([len(r.patches) for r in records])
+    for record, end in zip(records, ends):
+        start = end - len(record.patches)
+        answers.append(model.judge(lesions[start:end], threshold, grades[start:end]))
+    answers = model.regrade(answers, [[p.pixels for p in r.patches] for r in records], batch_size)
+    return [ScoredFace(record, lesions[end - len(record.patches) : end], face, face.probabilities(model.cfg))
+            for record, end, face in zip(records, ends, answers)]
 
 
 class AcneClassifierHandler(CheckpointHandler[ScoredFace, Classifier]):
@@ -68,7 +69,7 @@ class AcneClassifierHandler(CheckpointHandler[ScoredFace, Classifier]):
         self, batch: Sequence[ImageRecord], model: Classifier, inference_args: Optional[dict[str, Any]] = None
     ) -> Iterable[ScoredFace]:
         lesions, grades = model.predict_patches([p.pixels for r in batch for p in r.patches], self._max_patches)
-        return judge_faces(model, batch, lesions, grades, self._threshold)
+        return judge_faces(model, batch, lesions, grades, self._threshold, self._max_patches)
 
     def get_num_bytes(self, batch: Sequence[ImageRecord]) -> int:
         return sum(p.pixels.nbytes for r in batch for p in r.patches)

@@ -3,14 +3,15 @@
     python -m models.classifier.evaluate [NAME=]DATASET... [--checkpoint PATH]
                                          [--split validation,test] [--json OUT] [--plots DIR]
 
-Every face's patches go through ``Classifier.predict_patches`` and ``Classifier.judge``
-(exactly what the scoring job does). Reports, in this order:
+Every face's patches go through ``Classifier.predict_patches``, ``Classifier.judge`` and
+``Classifier.regrade`` (exactly what the scoring job does). Reports, in this order:
 
 * the binary task, clear vs acne: macro-F1, ROC AUC and the confusion matrix, pooled; then
   the rate per source (TPR on each acne source, FPR on each clear source) and per dataset
   (a source at one scale), because a pooled figure can hide a model that recognises sources,
   each with its 95 % Wilson interval, because some sources hold only a few dozen faces;
-* severity on the faces that carry a grade (ACNE04): accuracy, macro-F1, per grade.
+* severity on the faces that carry a grade (ACNE04), whatever their verdict, read by the
+  checkpoint's severity network where it has one: accuracy, macro-F1, per grade.
 
 ``--plots`` writes verdict_confusion_matrix.png, severity_confusion_matrix.png, roc.png and
 errors_sheet.png, a contact sheet of the false positives and false negatives with their most
@@ -68,9 +69,15 @@ def judge_faces(data: PatchSet, clf: Classifier, threshold: float | None) -> lis
     lesions, grades = clf.predict_patches(list(data.pixels))
     labels = [None if lab is None else clf.cfg.label_map.get(lab, lab) for lab in data.face_labels]
     verdict, grade = face_verdicts(labels, clf.cfg.classes, clf.cfg.verdicts)
+    groups = data.face_patches()
+    answers = [clf.judge(lesions[idx], threshold, grades[idx]) for idx in groups]
+    # Graded faces are graded whatever their verdict, as they would be were they called acne.
+    graded = [f for f, a in enumerate(answers) if grade[f] >= 0 or a.verdict == clf.cfg.verdicts[1]]
+    regraded = clf.regrade([answers[f] for f in graded], [list(data.pixels[groups[f]]) for f in graded], every=True)
+    for f, answer in zip(graded, regraded):
+        answers[f] = answer
     faces = []
-    for f, idx in enumerate(data.face_patches()):
-        answer = clf.judge(lesions[idx], threshold, grades[idx])
+    for f, (idx, answer) in enumerate(zip(groups, answers)):
         top = idx[np.argsort(-lesions[idx], kind="stable")[:3]]
         faces.append({
             "image_id": data.face_ids[f],

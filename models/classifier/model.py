@@ -16,6 +16,11 @@ follows from that number and the skin it was counted on:
   patches' mean grade probabilities, which carry what a count loses (how large and how inflamed
   the lesions look).
 
+A checkpoint may pin a second network of the same kind for severity alone
+(``severity_network_sha256``, in its ``severity/`` folder): it grades the acne faces with its
+own count and grade outputs, on the same patches, and never touches the verdict. Built with
+``python -m models.classifier.bundle``.
+
 Deciding on lesions, not on whole-patch appearance, is what keeps the verdict from learning
 where a photo came from (phone close-ups of acne against celebrity portraits of clear skin).
 The network also has one logit per severity grade, trained on graded faces; only the
@@ -27,7 +32,7 @@ same methods.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import cv2
@@ -83,6 +88,9 @@ class ClassifierConfig:
     # probabilities); empty (checkpoints before it) means the count alone.
     severity_patch_weights: tuple[tuple[float, ...], ...] = ()
     severity_bias: tuple[float, ...] = ()
+    # The sha256 of the severity network in the checkpoint's ``severity/`` folder; empty: none, the
+    # severity curve above grades the acne faces.
+    severity_network_sha256: str = ""
     label_map: dict[str, str] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -121,6 +129,7 @@ class ClassifierConfig:
                     "severity_patch_weights": tuple(tuple(float(v) for v in row)
                                                     for row in cfg.severity_patch_weights),
                     "severity_bias": tuple(float(v) for v in cfg.severity_bias),
+                    "severity_network_sha256": str(cfg.severity_network_sha256),
                 }
             )
         except (TypeError, ValueError) as exc:
@@ -240,6 +249,22 @@ def face_lesion_count(patch_lesions: np.ndarray, floor: float) -> float:
 BATCH_MULTIPLE = 8
 
 
+# The folder, inside a classifier checkpoint, of the severity network its config pins.
+SEVERITY_FOLDER = "severity"
+# What a severity network must share with the classifier that carries it: the same grades, read
+# from the same patches at the same input size.
+SEVERITY_MUST_MATCH = ("classes", "input_size", "patch_size", "min_patch_skin")
+
+
+def severity_mismatch(verdict: ClassifierConfig, severity: ClassifierConfig) -> list[str]:
+    """Why ``severity``'s network cannot grade the faces ``verdict``'s network judges; empty if it can."""
+    out = [f"{key} {getattr(severity, key)!r} (the classifier's: {getattr(verdict, key)!r})"
+           for key in SEVERITY_MUST_MATCH if getattr(severity, key) != getattr(verdict, key)]
+    if severity.severity_network_sha256:
+        out.append("a severity network of its own (severity networks do not nest)")
+    return out
+
+
 class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, build=build_network,
                  enlarge_interpolation=cv2.INTER_AREA):
     """A loaded classifier: network, config and checkpoint hash, ready for inference."""
@@ -248,6 +273,37 @@ class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, b
     # Patches per forward pass on a GPU, and the score job's default batch there.
     gpu_rows = 512
     cpu_multiple = BATCH_MULTIPLE
+    # The network that grades acne faces, where the checkpoint pins one (``severity_network_sha256``).
+    severity_model: "Classifier | None" = None
+
+    @classmethod
+    def load(cls, uri: str, device: str = "cpu") -> "Classifier":
+        """Load a classifier checkpoint, and the severity network it pins; raises ``CheckpointError``."""
+        model = super().load(uri, device)
+        pinned = model.cfg.severity_network_sha256
+        if not pinned:
+            return model
+        where = uri.rstrip("/") + "/" + SEVERITY_FOLDER
+        try:
+            grader = super().load(where, device)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"the classifier at {uri} grades severity with the network in its {SEVERITY_FOLDER}/ folder, "
+                f"which cannot be loaded: copy the whole checkpoint folder, or rebuild it with "
+                f"python -m models.classifier.bundle. Detail: {exc}"
+            ) from exc
+        if grader.sha256 != pinned:
+            raise CheckpointError(
+                f"the severity network at {where} has sha256 {grader.sha256[:12]}…, but the classifier at {uri} "
+                f"pins {pinned[:12]}…: the folders come from different bundles; rebuild it with "
+                "python -m models.classifier.bundle"
+            )
+        problems = severity_mismatch(model.cfg, grader.cfg)
+        if problems:
+            raise CheckpointError(f"the severity network at {where} cannot grade this classifier's faces: it has "
+                                  + "; ".join(problems))
+        model.severity_model = grader
+        return model
 
     def preprocess(self, patch: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 -> normalised float32 3xSxS at the model's input size."""
@@ -289,6 +345,30 @@ class Classifier(CheckpointedNetwork, kind=KIND, config_type=ClassifierConfig, b
         outputs = self.forward_patches(patches, batch_size)
         return (self.lesions_from_outputs(outputs).astype(np.float32),
                 self.grades_from_outputs(outputs).astype(np.float32))
+
+    def regrade(self, scores: Sequence[FaceScore], patches_per_face: Sequence[Sequence[np.ndarray]],
+                batch_size: int = 256, every: bool = False) -> list[FaceScore]:
+        """``scores`` (from ``judge``) with the severity network's grades for the acne faces, or for
+        every face given with ``every``; unchanged when the checkpoint has no severity network.
+
+        One forward pass over the graded faces' RGB patches: the severity network costs a second
+        pass on acne faces only.
+        """
+        out = list(scores)
+        grader = self.severity_model
+        todo = [i for i, s in enumerate(scores) if every or s.verdict == self.cfg.verdicts[1]]
+        if grader is None or not todo:
+            return out
+        lesions, grades = grader.predict_patches([p for i in todo for p in patches_per_face[i]], batch_size)
+        start = 0
+        for i in todo:
+            end = start + len(patches_per_face[i])
+            probs = grader.cfg.severity_probs(face_lesion_count(lesions[start:end], grader.cfg.patch_lesion_floor),
+                                              grades[start:end].mean(axis=0))
+            start = end
+            out[i] = replace(scores[i], severity_probs=tuple(float(p) for p in probs),
+                             severity=None if scores[i].severity is None else self.cfg.classes[int(probs.argmax())])
+        return out
 
     def judge(self, patch_lesions: np.ndarray, threshold: float | None = None,
               patch_grades: np.ndarray | None = None) -> FaceScore:
