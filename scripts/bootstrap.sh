@@ -8,6 +8,16 @@ VENV="${ACNE_VENV:-$ROOT/.venv}"
 STAMP="$VENV/.installed-$(sha1sum "$ROOT/setup.py" | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   echo "[setup] installing into $VENV (first run: a few minutes, about 7 GB with torch)" >&2
+  # A full disk otherwise surfaces minutes later as pip's bare "No space left on device"; a fresh
+  # install peaked at 7.1 GB, so ask for 8 up front and say where the room is needed.
+  if [ ! -d "$VENV" ]; then
+    free_kb=$(df --output=avail -k "$(dirname "$VENV")" 2>/dev/null | tail -1 || true)
+    if [[ "$free_kb" =~ ^[0-9]+$ ]] && [ "$free_kb" -lt $((8 * 1048576)) ]; then
+      echo "[setup] error: the install needs about 8 GB free under $(dirname "$VENV"), and only $((free_kb / 1048576)) GB is;" \
+           "free some space or set ACNE_VENV to a folder on a disk with room" >&2
+      exit 1
+    fi
+  fi
   python3 -m venv "$VENV"
   # A pip config that names local indexes lacking most packages (as on our CI machines) makes pip warn once per
   # package; the filter drops those lines and keeps real errors (pipefail keeps pip's status).
